@@ -1,0 +1,73 @@
+"""Hardware roles as small structural protocols (in the spirit of bluesky's ``protocols.py``).
+
+A driver satisfies a role by having the methods; it never inherits from anything here. The `Rig`
+(in ``labpnn.rig``) composes one or more actuators and sensors into a `PhysicalSystem`.
+
+Conventions every role shares:
+- ``name`` is the instrument's short name in the rig config (``"shaper"``, ``"osa"``).
+- ``identify()`` returns the instrument's identity string (e.g. the ``*IDN?`` reply).
+- ``settings()`` returns the current settings as a plain JSON-able dict; ``configure(**kw)``
+  validates and applies new ones, raising ``ValueError`` naming the bad setting.
+- Drivers raise their own exceptions (subclasses of ``InstrumentError`` below); the rig turns
+  them into protocol errors. Drivers never import torch, and never import the rest of labpnn.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+#: Per-row flag bits, as carried in a ``run`` reply (see protocols/PROTOCOL.md).
+FLAG_SATURATED = 1 << 0  #: at least one pixel at the sensor's full scale
+FLAG_QUANTISED = 1 << 1  #: the controls applied differ from those sent (instrument resolution)
+FLAG_LIMITED = 1 << 2  #: a safety limit clipped the controls applied
+
+
+class InstrumentError(RuntimeError):
+    """An instrument failed or refused a command (vanished, timed out, reported an error)."""
+
+
+@runtime_checkable
+class Instrument(Protocol):
+    name: str
+
+    def identify(self) -> str: ...
+
+    def connect(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def settings(self) -> dict[str, Any]: ...
+
+    def configure(self, **settings: Any) -> None: ...
+
+
+@runtime_checkable
+class Actuator(Instrument, Protocol):
+    """Applies one control vector of ``n_controls`` values in [0, 1]."""
+
+    n_controls: int
+    #: seconds to wait after ``apply`` returns before a sensor may acquire
+    settle_s: float
+
+    def check(self, controls: np.ndarray) -> None:
+        """Raise ``ValueError`` if any row of a float32[B, n_controls] batch breaks a safety limit."""
+
+    def apply(self, controls: np.ndarray) -> np.ndarray:
+        """Apply one row (float32[n_controls], in [0, 1]); return the row actually applied."""
+
+    def safe_state(self) -> None:
+        """Put the instrument in its safe state (e.g. block all light)."""
+
+
+@runtime_checkable
+class Sensor(Instrument, Protocol):
+    """Acquires one trace of ``n_outputs`` values."""
+
+    n_outputs: int
+
+    def axis(self) -> dict[str, Any]:
+        """The output axis: ``{"name": str, "unit": str, "values": list[float]}``."""
+
+    def acquire(self) -> tuple[np.ndarray, int]:
+        """Acquire one trace: (float32[n_outputs], flag bits)."""

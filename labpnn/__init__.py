@@ -1,0 +1,1 @@
+"""labpnn: lab daemon and trainer for physical neural networks."""

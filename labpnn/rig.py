@@ -1,0 +1,189 @@
+"""`Rig`: actuators and sensors composed into a `PhysicalSystem`.
+
+For each row of a batch the rig applies every actuator (each takes its own slice of the control
+vector, in order), waits until the slowest actuator's settle deadline, acquires every sensor (traces
+concatenated in order) and stamps the time. Every batch is validated whole before anything moves;
+on an instrument failure the rows done so far are kept and the actuators are put in their safe
+state. Imports no torch: the device server runs this.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from labpnn.contract import Measurement, validate_controls
+from labpnn.drivers.roles import FLAG_QUANTISED, Actuator, Sensor
+from labpnn.protocols.errors import (
+    Aborted,
+    BadSetting,
+    InstrumentFailure,
+    LabpnnError,
+    LimitExceeded,
+)
+from labpnn.sim_instruments.test_rig import sleep_until
+
+log = logging.getLogger(__name__)
+
+
+class _Fault(Exception):
+    """An instrument raised while measuring a row; carries which one."""
+
+    def __init__(self, instrument: str, cause: Exception):
+        super().__init__(instrument, cause)
+        self.instrument, self.cause = instrument, cause
+
+
+class Rig:
+    def __init__(self, actuators: Sequence[Actuator], sensors: Sequence[Sensor], *, name: str = "rig"):
+        if not actuators or not sensors:
+            raise ValueError("a rig needs at least one actuator and one sensor")
+        self.name = name
+        self.actuators = list(actuators)
+        self.sensors = list(sensors)
+        self.instruments = {i.name: i for i in [*self.actuators, *self.sensors]}
+        bounds = np.cumsum([0] + [a.n_controls for a in self.actuators])
+        self._slices = [slice(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        self.n_controls = int(bounds[-1])
+        self.n_outputs = int(sum(s.n_outputs for s in self.sensors))
+        self._identities: dict[str, str] = {}
+        self._lock = threading.Lock()  # one actuation at a time, whoever calls
+        self.busy_s = 0.0  #: total instrument time since connect (apply -> acquired, per row)
+        self.rows_done = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def connect(self) -> Rig:
+        for inst in self.instruments.values():
+            inst.connect()
+            self._identities[inst.name] = inst.identify()
+        return self
+
+    def close(self) -> None:
+        self.safe_state()
+        for inst in self.instruments.values():
+            try:
+                inst.close()
+            except Exception:  # closing must reach every instrument
+                log.exception("closing %s failed", inst.name)
+
+    def __enter__(self) -> Rig:
+        return self.connect()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def safe_state(self) -> None:
+        for actuator in self.actuators:
+            try:
+                actuator.safe_state()
+            except Exception:
+                log.exception("could not put %s in its safe state", actuator.name)
+
+    # -- PhysicalSystem ----------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        axes = [s.axis() for s in self.sensors]
+        axis = axes[0] if len(axes) == 1 else {
+            "name": "+".join(a["name"] for a in axes),
+            "unit": "+".join(a["unit"] for a in axes),
+            "values": [v for a in axes for v in a["values"]],
+        }
+        return {
+            "name": self.name,
+            "n_controls": self.n_controls,
+            "n_outputs": self.n_outputs,
+            "axis": axis,
+            "limits": {"controls": [0.0, 1.0]},
+            "channels": {a.name: [s.start, s.stop] for a, s in zip(self.actuators, self._slices)},
+            "instruments": dict(self._identities) or {n: i.identify() for n, i in self.instruments.items()},
+            "settings": {n: i.settings() for n, i in self.instruments.items()},
+        }
+
+    def validate(self, controls: Any) -> np.ndarray:
+        """The batch as float32[B, C] if it may run; raises before anything moves."""
+        batch = validate_controls(controls, self.n_controls)
+        for actuator, cols in zip(self.actuators, self._slices):
+            try:
+                actuator.check(batch[:, cols])
+            except ValueError as exc:
+                raise LimitExceeded(f"{actuator.name}: {exc}") from None
+        return batch
+
+    def run(self, controls: Any) -> np.ndarray:
+        return self.measure(controls).raise_for_error().traces
+
+    def measure(self, controls: Any, *, abort: threading.Event | None = None) -> Measurement:
+        batch = self.validate(controls)
+        n_rows = batch.shape[0]
+        traces = np.empty((n_rows, self.n_outputs), np.float32)
+        applied = np.empty_like(batch)
+        stamps = np.empty(n_rows, np.float64)
+        flags = np.zeros(n_rows, np.uint32)
+        settle = max(a.settle_s for a in self.actuators)
+        error: LabpnnError | None = None
+        busy = 0.0
+        done = 0
+        with self._lock:
+            for done in range(n_rows):  # noqa: B007 - `done` is the row count after the loop
+                if abort is not None and abort.is_set():
+                    error = Aborted(f"aborted after {done} of {n_rows} rows", details={"n_done": done})
+                    break
+                started = time.perf_counter()
+                try:
+                    self._row(batch[done], applied[done], traces[done], flags, done, settle)
+                except _Fault as fault:
+                    error = InstrumentFailure(
+                        f"{fault.instrument}: {fault.cause} (row {done} of {n_rows}; rows before it "
+                        "were measured)",
+                        details={"n_done": done, "instrument": fault.instrument,
+                                 "instrument_error": type(fault.cause).__name__},
+                    )
+                    self.safe_state()
+                    break
+                busy += time.perf_counter() - started
+                stamps[done] = time.time()
+            else:
+                done = n_rows
+            self.busy_s += busy
+            self.rows_done += done
+        flags[:done][(applied[:done] != batch[:done]).any(axis=1)] |= FLAG_QUANTISED
+        return Measurement(batch, traces[:done], applied[:done], stamps[:done], flags[:done], error, busy)
+
+    def _row(self, row, applied_out, trace_out, flags, i, settle) -> None:
+        for actuator, cols in zip(self.actuators, self._slices):
+            try:
+                applied_out[cols] = actuator.apply(row[cols])
+            except Exception as exc:
+                raise _Fault(actuator.name, exc) from exc
+        if settle:
+            sleep_until(time.perf_counter() + settle)
+        start = 0
+        for sensor in self.sensors:
+            try:
+                trace, bits = sensor.acquire()
+            except Exception as exc:
+                raise _Fault(sensor.name, exc) from exc
+            trace_out[start:start + sensor.n_outputs] = trace
+            if bits:
+                flags[i] |= bits
+            start += sensor.n_outputs
+
+    # -- settings ----------------------------------------------------------------------------
+    def configure(self, settings: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Apply ``{instrument: {setting: value}}``. Each instrument validates its own settings
+        (an invalid value changes nothing on it). Returns the new settings of those touched."""
+        unknown = set(settings) - set(self.instruments)
+        if unknown:
+            raise BadSetting(f"no instrument named {sorted(unknown)[0]!r} (have: {sorted(self.instruments)})")
+        with self._lock:
+            for name, values in settings.items():
+                if not isinstance(values, dict):
+                    raise BadSetting(f"settings for {name!r} must be a table of setting = value")
+                try:
+                    self.instruments[name].configure(**values)
+                except (ValueError, TypeError) as exc:
+                    raise BadSetting(f"{name}: {exc}") from None
+        return {name: self.instruments[name].settings() for name in settings}
