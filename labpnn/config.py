@@ -13,10 +13,10 @@ A config names the rig, how the device server listens, and the instruments::
 """
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
@@ -53,7 +53,49 @@ class TestRigSection(Strict):
     seed: int = 0
 
 
-RigSection = Annotated[TestRigSection, Field(discriminator="kind")]
+class ShaperSection(Strict):
+    """A WaveShaper (REST) whose channels carry the controls: x in [0, 1] per channel sets
+    ``attn_db = attn_max_db * (1 - x) + attn_min_db * x`` over that channel's slice of the band."""
+
+    url: str
+    n_channels: int = Field(64, gt=0, le=4096)
+    band_start_thz: float = Field(gt=0)
+    band_stop_thz: float = Field(gt=0)
+    attn_min_db: float = Field(0.0, ge=0, le=60)
+    attn_max_db: float = Field(30.0, ge=0, le=60)
+    attn_resolution_db: float = Field(0.01, gt=0)
+    settle_s: float = Field(0.0, ge=0)
+    #: safety: an attenuation floor for every channel (None: none)
+    min_attn_db: float | None = Field(None, ge=0, le=60)
+    #: safety: cap on the fraction of in-band power transmitted (None: none)
+    max_total_transmission: float | None = Field(None, gt=0, le=1)
+    timeout_s: float = Field(5.0, gt=0)
+
+
+class OSASection(Strict):
+    """An AQ6370-style OSA over PyVISA; wavelengths in nm (the driver speaks metres)."""
+
+    resource: str
+    start_nm: float = Field(gt=0)
+    stop_nm: float = Field(gt=0)
+    points: int = Field(512, ge=101, le=50001)
+    resolution_nm: float | None = Field(None, gt=0)
+    user: str | None = None
+    password: str = ""
+    #: "\n" for the emulator; a real AQ6370 on its LAN port speaks "\r\n"
+    termination: str = "\n"
+    timeout_s: float = Field(30.0, gt=0)
+    sweep_timeout_s: float = Field(60.0, gt=0)
+    full_scale_w: float | None = Field(None, gt=0)
+
+
+class OpticalRigSection(Strict):
+    kind: Literal["optical"]
+    shaper: ShaperSection
+    osa: OSASection
+
+
+RigSection = Annotated[TestRigSection | OpticalRigSection, Field(discriminator="kind")]
 
 
 class RigConfig(Strict):
@@ -97,4 +139,23 @@ def build_rig(config: RigConfig):
 
         system = SimTestRig(**section.model_dump(exclude={"kind"}))
         return Rig([system], [system], name=config.name)
+    if section.kind == "optical":
+        from labpnn.drivers.aq6370 import OSASensor
+        from labpnn.drivers.waveshaper import ShaperActuator, WaveShaperClient
+
+        sh, osa = section.shaper, section.osa
+        shaper = ShaperActuator(
+            WaveShaperClient(sh.url, timeout=sh.timeout_s), sh.n_channels, sh.band_start_thz,
+            sh.band_stop_thz, attn_min_db=sh.attn_min_db, attn_max_db=sh.attn_max_db,
+            attn_resolution_db=sh.attn_resolution_db, settle_s=sh.settle_s, min_attn_db=sh.min_attn_db,
+            max_total_transmission=sh.max_total_transmission,
+        )
+        sensor = OSASensor(
+            osa.resource, user=osa.user, password=osa.password, read_termination=osa.termination,
+            write_termination=osa.termination, timeout_s=osa.timeout_s,
+            sweep_timeout_s=osa.sweep_timeout_s, start_m=osa.start_nm * 1e-9, stop_m=osa.stop_nm * 1e-9,
+            points=osa.points, resolution_m=None if osa.resolution_nm is None else osa.resolution_nm * 1e-9,
+            full_scale_w=osa.full_scale_w,
+        )
+        return Rig([shaper], [sensor], name=config.name)
     raise ConfigError(f"rig kind {section.kind!r} is not supported")
