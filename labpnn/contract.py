@@ -7,8 +7,9 @@ controls actually applied, per-row flags, partial failure) also offer ``measure(
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -44,7 +45,7 @@ class Measurement:
     def n_done(self) -> int:
         return int(self.traces.shape[0])
 
-    def raise_for_error(self) -> "Measurement":
+    def raise_for_error(self) -> Measurement:
         if self.error is not None:
             raise self.error
         return self

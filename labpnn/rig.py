@@ -128,7 +128,7 @@ class Rig:
         batch = self.validate(controls)
         n_rows = batch.shape[0]
         traces = np.empty((n_rows, self.n_outputs), np.float32)
-        applied = np.empty_like(batch)
+        applied = batch.copy()  # overwritten only where an actuator reports something else
         stamps = np.empty(n_rows, np.float64)
         flags = np.zeros(n_rows, np.uint32)
         settle = max(a.settle_s for a in self.actuators)
@@ -155,7 +155,9 @@ class Rig:
                     row = batch[done]
                     for name, apply, cols in acts:  # noqa: B007 - `name` names a fault
                         if whole_a:
-                            applied[done] = apply(row)
+                            out = apply(row)
+                            if out is not row:
+                                applied[done] = out
                         else:
                             applied[done, cols] = apply(row[cols])
                     if settle:

@@ -1,0 +1,1003 @@
+"""The device server: a physical system behind a ZeroMQ ROUTER (protocol: protocols/PROTOCOL.md).
+
+Threads:
+- the **socket thread** owns every socket: it decodes requests, answers the quick ops itself
+  (hello, describe, status, ping, lock, unlock, abort), keeps the lock, lease and reply cache, and
+  sends replies, progress and the live stream;
+- the **worker thread** runs actuation jobs (``run``, ``configure``) one at a time, in order; it
+  hands each finished reply back through a deque and wakes the socket thread through an inproc
+  PAIR (ZeroMQ sockets are never shared between threads);
+- with CURVE, pyzmq's ``ThreadAuthenticator`` answers ZAP requests in a third thread.
+
+This module never imports torch (the lab PC may not have it).
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import inspect
+import itertools
+import logging
+import os
+import queue
+import re
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from labpnn.config import ConfigError, ServerSection
+from labpnn.contract import Measurement, validate_controls
+from labpnn.protocols.codec import decode_request, dumps, encode_error, encode_progress, encode_reply, peek_id
+from labpnn.protocols.errors import (
+    Aborted,
+    BadArray,
+    BadRequest,
+    BadSetting,
+    BadVersion,
+    InstrumentFailure,
+    InternalError,
+    InvalidControls,
+    LabpnnError,
+    Locked,
+    NotLocked,
+    ShuttingDown,
+    TooLarge,
+)
+from labpnn.protocols.messages import CACHED_OPS, LOCKED_OPS, MAX_ARRAYS, MAX_HEADER_BYTES, VERSION
+
+log = logging.getLogger(__name__)
+
+SERVER_SOFTWARE = "labpnn"
+MAX_EVICTED_IDS = 4096
+FLAG_SATURATED = 1  # labpnn.drivers.roles.FLAG_SATURATED (not imported: keep the server lean)
+
+
+class InsecureBind(ValueError):
+    """Refusing to bind a non-loopback address without CURVE (pass insecure=True to force)."""
+
+
+def is_loopback(address: str) -> bool:
+    """True for addresses only this machine can reach (127.*, localhost, ::1, ipc, inproc)."""
+    if address.startswith(("ipc://", "inproc://")):
+        return True
+    match = re.match(r"^[a-z]+://(\[[^\]]*\]|[^:]*)(:.*)?$", address)
+    if not match:
+        return False
+    host = match.group(1).strip("[]").split(";")[-1]
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def identity_hash(identity: str) -> str:
+    return hashlib.sha256(identity.encode()).hexdigest()[:12]
+
+
+# -- the system, whatever it is ----------------------------------------------------------------
+class SystemAdapter:
+    """A uniform face over a Rig-like object (``measure(controls, abort=...)``) or a plain
+    `PhysicalSystem` (``describe``/``run`` only)."""
+
+    def __init__(self, system: Any):
+        self.system = system
+        self._measure = getattr(system, "measure", None)
+        self._kwargs: set[str] = set()
+        if self._measure is not None:
+            try:
+                params = inspect.signature(self._measure).parameters
+                if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+                    self._kwargs = {"abort", "progress"}
+                else:
+                    self._kwargs = {"abort", "progress"} & set(params)
+            except (TypeError, ValueError):
+                self._kwargs = set()
+        self._own_busy = 0.0
+        self.description = self.describe()
+        self.n_controls = int(self.description["n_controls"])
+        self.n_outputs = int(self.description["n_outputs"])
+
+    @property
+    def reports_progress(self) -> bool:
+        return "progress" in self._kwargs
+
+    def describe(self) -> dict[str, Any]:
+        desc = dict(self.system.describe())
+        for key in ("n_controls", "n_outputs"):
+            if key not in desc:
+                raise ValueError(f"the system's describe() has no {key!r}")
+        return desc
+
+    @property
+    def busy_s(self) -> float:
+        busy = getattr(self.system, "busy_s", None)
+        return float(busy) if isinstance(busy, (int, float)) else self._own_busy
+
+    def measure(self, controls: np.ndarray, abort: threading.Event, progress) -> Measurement:
+        if self._measure is not None:
+            kwargs = {}
+            if "abort" in self._kwargs:
+                kwargs["abort"] = abort
+            if "progress" in self._kwargs:
+                kwargs["progress"] = progress
+            m = self._measure(controls, **kwargs)
+        else:
+            batch = validate_controls(controls, self.n_controls)
+            started = time.perf_counter()
+            try:
+                traces = np.asarray(self.system.run(batch), dtype=np.float32)
+            except LabpnnError:
+                raise
+            except Exception as exc:
+                m = Measurement(batch, np.empty((0, self.n_outputs), np.float32),
+                                np.empty((0, self.n_controls), np.float32), np.empty(0), np.empty(0, np.uint32),
+                                InstrumentFailure(f"{type(exc).__name__}: {exc}", details={"n_done": 0}))
+            else:
+                busy = time.perf_counter() - started
+                n = traces.shape[0]
+                m = Measurement(batch, traces, batch.copy(), np.full(n, time.time()), np.zeros(n, np.uint32),
+                                None, busy)
+        self._own_busy += float(m.busy_s or 0.0)
+        return m
+
+    def configure(self, settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        configure = getattr(self.system, "configure", None)
+        if configure is None:
+            raise BadSetting("this system has no settings to configure")
+        try:
+            return dict(configure(settings) or {})
+        except (ValueError, TypeError) as exc:
+            raise BadSetting(str(exc)) from None
+
+
+# -- jobs and the reply cache ------------------------------------------------------------------
+@dataclass(eq=False)
+class Job:
+    key: tuple[str, str]  #: (identity, request id)
+    op: str
+    route: list[bytes]  #: routing id (+ empty delimiter for REQ clients) of the latest attempt
+    identity: str
+    controls: np.ndarray | None = None
+    settings: dict | None = None
+    total: int | None = None
+    abort: threading.Event = field(default_factory=threading.Event)
+    state: str = "queued"
+    done_rows: int | None = None
+    last_progress: float = field(default_factory=time.monotonic)
+
+    @property
+    def id(self) -> str:
+        return self.key[1]
+
+    def set_done(self, n: int) -> None:
+        self.done_rows = n
+
+
+@dataclass
+class _Cached:
+    op: str
+    frames: list[Any]
+    nbytes: int
+
+
+def _frames_nbytes(frames: list[Any]) -> int:
+    return sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in frames)
+
+
+class DeviceServer:
+    """Serve ``system`` over ZeroMQ. See the module docstring and PROTOCOL.md.
+
+    ``server`` gives the defaults (bind, publish, limits, CURVE); ``bind``/``publish`` override
+    the addresses (``publish=""`` disables the live stream). ``insecure=True`` allows a
+    non-loopback address without CURVE. ``curve_keys`` is a ``--curve-keys`` directory.
+    """
+
+    def __init__(
+        self,
+        system: Any,
+        server: ServerSection | None = None,
+        *,
+        bind: str | None = None,
+        publish: str | None = None,
+        insecure: bool = False,
+        curve_keys: str | os.PathLike | None = None,
+        name: str | None = None,
+        progress_s: float = 1.0,
+        status_interval_s: float = 1.0,
+        publish_traces: bool = False,
+        reply_cache_bytes: int = 32 * 2**20,
+        shutdown_grace_s: float = 1.0,
+    ):
+        from labpnn import security
+
+        section = server or ServerSection()
+        self.bind_address = bind if bind is not None else section.bind
+        self.publish_request = publish if publish is not None else section.publish
+        self.max_message_bytes = int(section.max_message_bytes)
+        self.lease_s = float(section.lease_s)
+        self.reply_cache = int(section.reply_cache)
+        self.reply_cache_bytes = int(reply_cache_bytes)
+        self.progress_s = float(progress_s)
+        self.status_interval_s = float(status_interval_s)
+        self.publish_traces = bool(publish_traces)
+        self.shutdown_grace_s = float(shutdown_grace_s)
+
+        if curve_keys is not None:
+            self._curve = security.server_keys_from_dir(curve_keys)
+        elif section.curve is not None:
+            self._curve = security.server_keys(section.curve.server_secret_key, section.curve.authorized_keys)
+        else:
+            self._curve = None
+        if self._curve is None and not insecure:
+            for address in (self.bind_address, self.publish_request):
+                if address and not is_loopback(address):
+                    raise InsecureBind(
+                        f"refusing to bind {address} without CURVE: anyone on the network could drive "
+                        "the rig. Configure [server.curve] (or --curve-keys DIR), or force it with --insecure.")
+
+        self._sys = SystemAdapter(system)
+        self.name = name or str(self._sys.description.get("name") or "rig")
+
+        # state shared with the worker thread (guarded by _jobs_lock)
+        self._jobs_lock = threading.Lock()
+        self._worker_waiting = False  # the worker is (about to be) blocked on _work_signal
+        self._work_signal: queue.SimpleQueue[None] = queue.SimpleQueue()  # put() keeps the GIL
+        self._result_nudged = False  # a wake-up for finished jobs is on its way to the socket thread
+        self._queue: collections.deque[Job] = collections.deque()
+        self._running: Job | None = None
+        self._finished: collections.deque[tuple[Job, list[Any], dict | None]] = collections.deque()
+        self._worker_stop = False
+
+        # socket-thread state
+        self._pending: dict[tuple[str, str], Job] = {}
+        self._cache: collections.OrderedDict[tuple[str, str], _Cached] = collections.OrderedDict()
+        self._cache_bytes = 0
+        self._evicted: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+        self._jobs_of: collections.Counter[str] = collections.Counter()
+        self._holder: str | None = None
+        self._holder_lease = self.lease_s
+        self._last_seen = 0.0
+        self._rows_done = 0
+        self._batches_done = 0
+        self._batch_counter = itertools.count()
+        self._last_error: dict | None = None
+        self._seq = {b"batch": 0, b"status": 0}
+        self._subscriptions: collections.Counter[bytes] = collections.Counter()
+        self._started_mono = time.monotonic()
+        self._status_due = 0.0
+        self._housekeeping_due = 0.0
+        self._status_dirty = False
+
+        self._ctx: zmq.Context | None = None
+        self._auth = None
+        self._thread: threading.Thread | None = None
+        self._worker: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._stop_requested = threading.Event()
+        self._start_error: BaseException | None = None
+        self._closed = threading.Event()
+        self.address: str | None = None
+        self.publish_address: str | None = None
+        self._wake_address = f"inproc://labpnn-worker-{id(self):x}"
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> DeviceServer:
+        """Serve in a background thread; returns once the sockets are bound."""
+        if self._thread is not None:
+            raise RuntimeError("server already started")
+        self._thread = threading.Thread(target=self._main, name="labpnn-server", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            raise self._start_error
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until `stop()` or (in the main thread) SIGINT/SIGTERM."""
+        if self._thread is not None:
+            raise RuntimeError("server already started")
+        self._thread = threading.current_thread()
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    previous[sig] = signal.signal(sig, self._on_signal)
+                except (ValueError, OSError):  # pragma: no cover - platform without it
+                    pass
+        try:
+            self._main()
+            if self._start_error is not None:
+                raise self._start_error
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        log.info("signal %s: stopping (answering or aborting the batch in flight)", signum)
+        self._stop_requested.set()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop serving: queued jobs get SHUTDOWN, the running batch gets `shutdown_grace_s` to
+        finish and is then aborted (its completed rows are returned), sockets are closed."""
+        self._stop_requested.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread() and thread.is_alive():
+            thread.join(timeout)
+
+    def __enter__(self) -> DeviceServer:
+        if self._thread is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- socket thread -------------------------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            self._open()
+        except BaseException as exc:
+            self._start_error = exc
+            self._close_sockets()
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+
+    def _open(self) -> None:
+        from labpnn import security
+
+        ctx = self._ctx = zmq.Context()
+        if self._curve is not None:
+            self._auth = security.start_authenticator(ctx, self._curve)
+        self._router = ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 1000)
+        self._router.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        self._router.setsockopt(zmq.SNDHWM, 0)  # never drop a reply for a connected client
+        self._router.setsockopt(zmq.RCVHWM, 10000)
+        if self._curve is not None:
+            security.make_curve_server(self._router, self._curve)
+        self._router.bind(self.bind_address)
+        self.address = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._pub = None
+        if self.publish_request:
+            self._pub = ctx.socket(zmq.XPUB)
+            self._pub.setsockopt(zmq.LINGER, 0)
+            self._pub.setsockopt(zmq.SNDHWM, 1000)
+            self._pub.setsockopt(zmq.MAXMSGSIZE, 1 << 16)  # subscribers only send subscriptions
+            if self._curve is not None:
+                security.make_curve_server(self._pub, self._curve)
+            self._pub.bind(self.publish_request)
+            self.publish_address = self._pub.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._wake = ctx.socket(zmq.PAIR)
+        self._wake.setsockopt(zmq.LINGER, 0)
+        self._wake.bind(self._wake_address)
+        self._worker = threading.Thread(target=self._work, name="labpnn-worker", daemon=True)
+        self._worker.start()
+        log.info("serving %s on %s%s%s", self.name, self.address,
+                 f", live stream on {self.publish_address}" if self.publish_address else "",
+                 " (CURVE)" if self._curve else "")
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._wake, zmq.POLLIN)
+        if self._pub is not None:
+            poller.register(self._pub, zmq.POLLIN)
+        while not self._stop_requested.is_set():
+            try:
+                events = dict(poller.poll(50))
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EINTR:
+                    continue
+                raise
+            if self._wake in events:
+                self._drain_finished()
+            if self._router in events:
+                router = self._router
+                for _ in range(64):  # bounded, so finished jobs are not starved
+                    try:
+                        frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._handle(frames)
+                    if not router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        break
+            if self._pub is not None and self._pub in events:
+                self._read_subscriptions()
+            if self._status_dirty or time.monotonic() >= self._housekeeping_due:
+                self._housekeeping()
+
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        rid = None
+        try:
+            route = [frames[0].bytes]
+            body = frames[1:]
+            if body and len(body[0]) == 0:  # a REQ client's delimiter
+                route.append(b"")
+                body = body[1:]
+            if self._stop_requested.is_set():
+                self._send(route, encode_error(peek_id(body), ShuttingDown("the server is shutting down")))
+                return
+            try:
+                request, arrays = decode_request(body, max_bytes=self.max_message_bytes)
+            except LabpnnError as exc:
+                rid = peek_id(body)
+                self._note_error(exc, None)
+                self._send(route, encode_error(rid, exc))
+                return
+            rid = request.id
+            identity = self._identity(frames[0], request.token)
+            self._touch(identity)
+            op = request.op
+            key = (identity, rid)
+            cached = op in CACHED_OPS
+            if (cached or key in self._pending or key in self._cache) and self._retry(key, op, route):
+                return
+            reply = self._dispatch(op, request, arrays, identity, route, key)
+            if reply is not None:
+                if cached:
+                    self._remember(key, op, reply)
+                self._send(route, reply)
+        except Exception as exc:  # a bug: say so, keep serving
+            log.exception("internal error handling a request")
+            err = InternalError(f"internal server error: {type(exc).__name__}: {exc}")
+            self._note_error(err, None)
+            try:
+                self._send([frames[0].bytes], encode_error(rid, err))
+            except Exception:
+                log.exception("could not even send the error reply")
+
+    def _dispatch(self, op, request, arrays, identity, route, key) -> list[Any] | None:
+        try:
+            if op in LOCKED_OPS:
+                self._require_lock(identity)
+            return getattr(self, f"_op_{op}")(request, arrays, identity, route, key)
+        except LabpnnError as exc:
+            self._note_error(exc, op)
+            return encode_error(request.id, exc)
+
+    def _identity(self, first: zmq.Frame, token: str) -> str:
+        if self._curve is not None:
+            try:
+                user = first.get("User-Id")
+            except zmq.ZMQError:
+                user = None
+            if user:
+                return f"curve:{user}/{token}"
+        return f"token:{token}"
+
+    def _send(self, route: list[bytes], frames: list[Any]) -> None:
+        try:
+            self._router.send_multipart([*route, *frames], copy=False)
+        except zmq.ZMQError as exc:  # e.g. EHOSTUNREACH: the client is gone
+            log.debug("reply not sent: %s", exc)
+
+    # -- lock and lease --------------------------------------------------------------------------
+    def _touch(self, identity: str) -> None:
+        if identity == self._holder:
+            self._last_seen = time.monotonic()
+
+    def _lease_remaining(self) -> float | None:
+        if self._holder is None:
+            return None
+        if self._jobs_of[self._holder]:
+            return self._holder_lease
+        return max(0.0, self._last_seen + self._holder_lease - time.monotonic())
+
+    def _expire_lease(self) -> None:
+        if (self._holder is not None and not self._jobs_of[self._holder]
+                and time.monotonic() > self._last_seen + self._holder_lease):
+            log.info("lease of %s expired after %.1f s of silence; lock released",
+                     identity_hash(self._holder), self._holder_lease)
+            self._holder = None
+            self._status_dirty = True
+
+    def _require_lock(self, identity: str) -> None:
+        self._expire_lease()
+        if self._holder == identity:
+            return
+        if self._holder is None:
+            raise NotLocked("this operation needs the lock: send 'lock' first")
+        raise Locked(f"another client ({identity_hash(self._holder)}) holds the lock",
+                     details={"holder": identity_hash(self._holder),
+                              "lease_remaining_s": round(self._lease_remaining() or 0.0, 3)})
+
+    # -- reply cache -------------------------------------------------------------------------------
+    def _retry(self, key, op, route) -> bool:
+        """Answer a retried id from the cache or attach it to its job; False if the id is new."""
+        job = self._pending.get(key)
+        cached = self._cache.get(key) if job is None else None
+        if job is None and cached is None:
+            if key in self._evicted:
+                self._send(route, encode_error(key[1], BadRequest(
+                    f"request {key[1]!r} already ran, but its reply was evicted from the reply cache",
+                    details={"evicted": True})))
+                return True
+            return False
+        original = job.op if job is not None else cached.op
+        if original != op:
+            self._send(route, encode_error(key[1], BadRequest(
+                f"request id {key[1]!r} was already used for {original!r}; ids must be unique",
+                details={"id": key[1], "op": original})))
+            return True
+        if job is not None:
+            job.route = route
+            log.debug("retry of %s attaches to its %s job", key[1], job.state)
+        else:
+            self._send(route, cached.frames)
+        return True
+
+    def _remember(self, key, op, frames) -> None:
+        nbytes = _frames_nbytes(frames)
+        old = self._cache.pop(key, None)
+        if old is not None:
+            self._cache_bytes -= old.nbytes
+        self._cache[key] = _Cached(op, frames, nbytes)
+        self._cache_bytes += nbytes
+        # the newest entry always stays, however large; older ones go first
+        while len(self._cache) > 1 and (len(self._cache) > self.reply_cache
+                                        or self._cache_bytes > self.reply_cache_bytes):
+            old_key, old = self._cache.popitem(last=False)
+            self._cache_bytes -= old.nbytes
+            self._evicted[old_key] = None
+            if len(self._evicted) > MAX_EVICTED_IDS:
+                self._evicted.popitem(last=False)
+
+    # -- quick ops (socket thread) ------------------------------------------------------------------
+    def _limits(self) -> dict[str, Any]:
+        return {"max_message_bytes": self.max_message_bytes, "max_header_bytes": MAX_HEADER_BYTES,
+                "max_arrays": MAX_ARRAYS, "lease_s": self.lease_s, "reply_cache": self.reply_cache,
+                "progress_s": self.progress_s}
+
+    def _op_hello(self, request, arrays, identity, route, key):
+        if VERSION.decode() not in request.args.versions:
+            raise BadVersion(f"no common protocol version: client speaks {request.args.versions}, "
+                             f"server speaks ['{VERSION.decode()}']", details={"supported": [VERSION.decode()]})
+        if request.args.client:
+            log.debug("hello from %s (%s)", identity_hash(identity), request.args.client)
+        return encode_reply(request.id, result={
+            "version": VERSION.decode(), "server": _software(), "name": self.name,
+            "identity": identity_hash(identity), "curve": self._curve is not None, "limits": self._limits()})
+
+    def _op_describe(self, request, arrays, identity, route, key):
+        return encode_reply(request.id, result=self._sys.description)
+
+    def _op_status(self, request, arrays, identity, route, key):
+        return encode_reply(request.id, result=self._status(identity))
+
+    def _op_ping(self, request, arrays, identity, route, key):
+        return encode_reply(request.id, result={"t": time.time()})
+
+    def _op_lock(self, request, arrays, identity, route, key):
+        self._expire_lease()
+        lease = request.args.lease_s or self.lease_s
+        if self._holder not in (None, identity):
+            raise Locked(f"another client ({identity_hash(self._holder)}) holds the lock",
+                         details={"holder": identity_hash(self._holder),
+                                  "lease_remaining_s": round(self._lease_remaining() or 0.0, 3)})
+        renewed = self._holder == identity
+        if not renewed:
+            log.info("lock taken by %s (lease %.1f s)", identity_hash(identity), lease)
+            self._status_dirty = True
+        self._holder, self._holder_lease, self._last_seen = identity, float(lease), time.monotonic()
+        return encode_reply(request.id, result={
+            "holder": identity_hash(identity), "lease_s": self._holder_lease,
+            "lease_remaining_s": self._lease_remaining(), "renewed": renewed})
+
+    def _op_unlock(self, request, arrays, identity, route, key):
+        self._expire_lease()
+        if self._holder is None:
+            return encode_reply(request.id, result={"released": False})
+        if self._holder != identity:
+            raise Locked(f"another client ({identity_hash(self._holder)}) holds the lock",
+                         details={"holder": identity_hash(self._holder)})
+        self._holder = None
+        self._status_dirty = True
+        log.info("lock released by %s", identity_hash(identity))
+        return encode_reply(request.id, result={"released": True})
+
+    def _op_abort(self, request, arrays, identity, route, key):
+        cancelled = []
+        with self._jobs_lock:
+            for job in list(self._queue):
+                if job.identity == identity:
+                    self._queue.remove(job)
+                    cancelled.append(job)
+            running = self._running
+            signalled = running is not None and running.identity == identity
+            if signalled:
+                running.abort.set()
+        for job in cancelled:
+            self._complete(job, self._cancel_reply(job, Aborted("aborted before it started",
+                                                                details={"n_done": 0})), None)
+        log.info("abort from %s: running=%s, cancelled %d queued", identity_hash(identity), signalled,
+                 len(cancelled))
+        return encode_reply(request.id, result={"running": signalled, "cancelled": len(cancelled)})
+
+    def _cancel_reply(self, job: Job, exc: LabpnnError) -> list[Any]:
+        if job.op != "run":
+            return encode_error(job.id, exc)
+        c, s = self._sys.n_controls, self._sys.n_outputs
+        return encode_reply(job.id, error=exc, result={"n_rows": job.total, "n_done": 0, "batch": None,
+                                                       "busy_s": 0.0},
+                            arrays={"traces": np.empty((0, s), np.float32),
+                                    "applied": np.empty((0, c), np.float32),
+                                    "timestamps": np.empty(0, np.float64), "flags": np.empty(0, np.uint32)})
+
+    # -- actuation ops (queued for the worker) -----------------------------------------------------
+    def _op_run(self, request, arrays, identity, route, key):
+        controls = arrays.get("controls")
+        if controls is None or len(arrays) != 1:
+            raise BadArray("run takes exactly one array, 'controls' (float32[B, C])",
+                           details={"arrays": sorted(arrays)})
+        if controls.dtype != np.float32:
+            raise BadArray(f"controls must be float32, got {request.arrays[0].dtype}",
+                           details={"dtype": request.arrays[0].dtype})
+        c, s = self._sys.n_controls, self._sys.n_outputs
+        if controls.ndim != 2 or controls.shape[1] != c:
+            raise InvalidControls(f"controls must have shape (B, {c}), got {list(controls.shape)}",
+                                  details={"expected_channels": c, "shape": list(controls.shape)})
+        rows = controls.shape[0]
+        if rows == 0:
+            raise InvalidControls("empty batch: controls must have at least one row")
+        reply_bytes = rows * (4 * s + 4 * c + 8 + 4)
+        if reply_bytes > self.max_message_bytes:
+            most = self.max_message_bytes // (4 * s + 4 * c + 12)
+            raise TooLarge(f"the reply to {rows} rows would be {reply_bytes} bytes, more than the limit of "
+                           f"{self.max_message_bytes}; send at most {most} rows per batch",
+                           details={"bytes": reply_bytes, "max_message_bytes": self.max_message_bytes,
+                                    "max_rows": most})
+        self._enqueue(Job(key, "run", route, identity, controls=controls, total=rows))
+        return None
+
+    def _op_configure(self, request, arrays, identity, route, key):
+        if arrays:
+            raise BadArray("configure takes no arrays")
+        self._enqueue(Job(key, "configure", route, identity, settings=request.args.settings))
+        return None
+
+    def _enqueue(self, job: Job) -> None:
+        self._pending[job.key] = job
+        self._jobs_of[job.identity] += 1
+        with self._jobs_lock:
+            self._queue.append(job)
+            wake, self._worker_waiting = self._worker_waiting, False
+        if wake:
+            self._work_signal.put(None)
+
+    # -- worker thread ---------------------------------------------------------------------------
+    def _work(self) -> None:
+        wake = self._ctx.socket(zmq.PAIR)
+        wake.setsockopt(zmq.LINGER, 0)
+        wake.connect(self._wake_address)
+        try:
+            while True:
+                with self._jobs_lock:
+                    job = self._queue.popleft() if self._queue else None
+                    if job is not None:
+                        job.state = "running"
+                        self._running = job
+                    else:
+                        self._worker_waiting = True
+                if job is None:
+                    if self._worker_stop:
+                        return
+                    self._work_signal.get()  # until the socket thread queues a job (or stops us)
+                    continue
+                try:
+                    frames, summary = self._execute(job)
+                except Exception as exc:  # _execute handles errors; this is a last resort
+                    log.exception("worker failed on %s", job.op)
+                    frames, summary = encode_error(job.id, InternalError(f"{type(exc).__name__}: {exc}")), None
+                with self._jobs_lock:
+                    self._running = None
+                    self._finished.append((job, frames, summary))
+                    nudge, self._result_nudged = not self._result_nudged, True
+                if nudge:  # one wake-up per drain is enough
+                    wake.send(b"")
+        finally:
+            wake.close()
+
+    def _execute(self, job: Job) -> tuple[list[Any], dict | None]:
+        if job.op == "configure":
+            try:
+                settings = self._sys.configure(job.settings or {})
+                self._sys.description = self._sys.describe()
+            except LabpnnError as exc:
+                return encode_error(job.id, exc), {"error": exc}
+            except Exception as exc:
+                log.exception("configure failed")
+                err = InternalError(f"configure failed: {type(exc).__name__}: {exc}")
+                return encode_error(job.id, err), {"error": err}
+            return encode_reply(job.id, result={"settings": settings}), None
+        try:
+            m = self._sys.measure(job.controls, job.abort, job.set_done)
+        except LabpnnError as exc:
+            return encode_error(job.id, exc), {"error": exc}
+        except Exception as exc:
+            log.exception("run failed")
+            err = InternalError(f"run failed: {type(exc).__name__}: {exc}")
+            return encode_error(job.id, err), {"error": err}
+        batch = next(self._batch_counter)
+        traces = np.asarray(m.traces, np.float32)
+        flags = np.asarray(m.flags, np.uint32)
+        n_done = int(traces.shape[0])
+        result = {"n_rows": job.total, "n_done": n_done, "batch": batch, "busy_s": float(m.busy_s)}
+        frames = encode_reply(job.id, result=result, error=m.error, arrays={
+            "traces": traces, "applied": np.asarray(m.applied, np.float32),
+            "timestamps": np.asarray(m.timestamps, np.float64), "flags": flags})
+        return frames, {"batch": batch, "n_done": n_done, "traces": traces, "flags": flags,
+                        "busy_s": float(m.busy_s), "error": m.error}
+
+    # -- results back in the socket thread ------------------------------------------------------
+    def _drain_finished(self) -> None:
+        while True:
+            try:
+                self._wake.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+        with self._jobs_lock:
+            finished = list(self._finished)
+            self._finished.clear()
+            self._result_nudged = False
+        for job, frames, summary in finished:
+            try:
+                self._complete(job, frames, summary)
+            except Exception:
+                log.exception("internal error completing a job")
+
+    def _complete(self, job: Job, frames: list[Any], summary: dict | None) -> None:
+        job.state = "done"
+        self._pending.pop(job.key, None)
+        self._jobs_of[job.identity] -= 1
+        if self._jobs_of[job.identity] <= 0:
+            del self._jobs_of[job.identity]
+        if job.identity == self._holder:
+            self._last_seen = time.monotonic()
+        self._remember(job.key, job.op, frames)
+        self._send(job.route, frames)
+        error = summary.get("error") if summary else None
+        if error is not None:
+            self._note_error(error, job.op)
+        if summary is not None and "batch" in summary:
+            self._rows_done += summary["n_done"]
+            self._batches_done += 1
+            if self._listening(b"batch"):
+                self._publish_batch(job, summary)
+
+    def _note_error(self, exc: LabpnnError, op: str | None) -> None:
+        self._last_error = {"code": exc.code.value, "message": str(exc), "op": op, "t": time.time()}
+
+    # -- status, progress, lease (socket thread, periodic) -------------------------------------------
+    def _status(self, identity: str | None) -> dict[str, Any]:
+        self._expire_lease()
+        with self._jobs_lock:
+            running = self._running
+            queued = len(self._queue)
+        remaining = self._lease_remaining()
+        lock = {"held": self._holder is not None,
+                "holder": identity_hash(self._holder) if self._holder else None,
+                "lease_s": self._holder_lease if self._holder else None,
+                "lease_remaining_s": None if remaining is None else round(remaining, 3)}
+        if identity is not None:
+            lock["you"] = identity == self._holder
+        run_info = None
+        rows = self._rows_done
+        if running is not None:
+            run_info = {"op": running.op, "done": running.done_rows, "total": running.total}
+            rows += running.done_rows or 0
+        return {"state": "running" if running is not None else "idle", "queue": queued, "running": run_info,
+                "lock": lock, "rows_done": rows, "batches_done": self._batches_done,
+                "busy_s": round(self._sys.busy_s, 6), "uptime_s": round(time.monotonic() - self._started_mono, 3),
+                "last_error": self._last_error}
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        self._housekeeping_due = now + 0.02
+        self._expire_lease()
+        for job in list(self._pending.values()):
+            if now - job.last_progress >= self.progress_s and len(job.route) == 1:
+                job.last_progress = now
+                if job.state == "running":
+                    frames = encode_progress(job.id, state="running", done=job.done_rows, total=job.total)
+                else:
+                    with self._jobs_lock:
+                        ahead = (self._queue.index(job) if job in self._queue else 0) + (
+                            self._running is not None)
+                    frames = encode_progress(job.id, state="queued", done=0, total=job.total,
+                                             queue_position=ahead)
+                self._send(job.route, frames)
+        if self._pub is not None and (self._status_dirty or now >= self._status_due):
+            self._status_due = now + self.status_interval_s
+            self._status_dirty = False
+            if self._listening(b"status"):
+                self._publish(b"status", self._status(None))
+
+    # -- live stream -------------------------------------------------------------------------------
+    def _read_subscriptions(self) -> None:
+        while True:
+            try:
+                msg = self._pub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if not msg:
+                continue
+            topic = bytes(msg[1:])
+            if msg[0] == 1:
+                self._subscriptions[topic] += 1
+                if topic == b"" or b"status".startswith(topic):
+                    self._status_dirty = True  # a new subscriber gets a status at once
+            elif msg[0] == 0 and self._subscriptions[topic] > 0:
+                self._subscriptions[topic] -= 1
+                if not self._subscriptions[topic]:
+                    del self._subscriptions[topic]
+
+    def _listening(self, topic: bytes) -> bool:
+        return self._pub is not None and any(topic.startswith(p) for p in self._subscriptions)
+
+    def _publish(self, topic: bytes, header: dict, arrays: list | None = None, specs: list | None = None) -> None:
+        seq = self._seq[topic]
+        self._seq[topic] = seq + 1
+        body = {"seq": seq, "t": time.time(), **header, "arrays": specs or []}
+        try:
+            self._pub.send_multipart([topic, VERSION, dumps(body), *(arrays or [])], zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            log.debug("publish dropped: %s", exc)
+
+    def _publish_batch(self, job: Job, summary: dict) -> None:
+        traces, flags = summary["traces"], summary["flags"]
+        stats = None
+        if traces.size:
+            stats = {"min": float(traces.min()), "mean": float(traces.mean()), "max": float(traces.max()),
+                     "saturated_rows": int(np.count_nonzero(flags & FLAG_SATURATED))}
+        error = summary.get("error")
+        header = {"batch": summary["batch"], "holder": identity_hash(job.identity), "n_rows": job.total,
+                  "n_done": summary["n_done"], "ok": error is None,
+                  "error": error.code.value if error is not None else None, "busy_s": summary["busy_s"],
+                  "n_outputs": self._sys.n_outputs, "trace_bytes": int(traces.nbytes), "stats": stats}
+        if self.publish_traces:
+            specs = [{"name": "traces", "dtype": "float32", "shape": list(traces.shape)}]
+            self._publish(b"batch", header, [traces.data if traces.nbytes else b""], specs)
+        else:
+            self._publish(b"batch", header)
+
+    # -- shutdown ----------------------------------------------------------------------------------
+    def _shutdown(self) -> None:
+        try:
+            with self._jobs_lock:
+                queued = list(self._queue)
+                self._queue.clear()
+                self._worker_stop = True
+                running = self._running
+            self._work_signal.put(None)
+            for job in queued:
+                self._complete(job, self._cancel_reply(job, ShuttingDown("the server is shutting down")), None)
+            if running is not None:
+                deadline = time.monotonic() + self.shutdown_grace_s
+                while running.state != "done" and time.monotonic() < deadline:
+                    self._wait_finished(0.05)
+                if running.state != "done":
+                    log.info("aborting the batch in flight")
+                    running.abort.set()
+            if self._worker is not None:
+                give_up = time.monotonic() + self.shutdown_grace_s + 10.0
+                while self._worker.is_alive() and time.monotonic() < give_up:
+                    self._wait_finished(0.05)
+                    self._worker.join(0.01)
+                if self._worker.is_alive():
+                    log.warning("the instrument did not return within %.0f s of the abort; leaving it behind",
+                                self.shutdown_grace_s + 10.0)
+                    self._worker_stuck = True
+            self._drain_finished()
+        except Exception:
+            log.exception("error while shutting down")
+        finally:
+            self._close_sockets()
+            self._closed.set()
+            log.info("server stopped")
+
+    def _wait_finished(self, timeout: float) -> None:
+        if self._wake.poll(int(timeout * 1000)):
+            self._drain_finished()
+
+    def _close_sockets(self) -> None:
+        for name in ("_wake", "_pub", "_router"):
+            sock = getattr(self, name, None)
+            if sock is not None:
+                sock.close()
+                setattr(self, name, None)
+        if self._auth is not None:
+            try:
+                self._auth.stop()
+            except Exception:
+                log.exception("stopping the authenticator failed")
+            self._auth = None
+        if self._ctx is not None:
+            if not getattr(self, "_worker_stuck", False):  # term() would wait for the worker's socket
+                self._ctx.term()
+            self._ctx = None
+
+
+def _software() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f"{SERVER_SOFTWARE} {version('labpnn')}"
+    except Exception:
+        return SERVER_SOFTWARE
+
+
+# -- CLI ---------------------------------------------------------------------------------------------
+def cli_serve(parser):
+    parser.add_argument("--config", required=True, metavar="RIG.toml", help="rig configuration file")
+    parser.add_argument("--bind", help="request socket address (default: [server] bind)")
+    parser.add_argument("--publish", help="live stream address, '' to disable (default: [server] publish)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow a non-loopback address without CURVE (anyone on the network can drive the rig)")
+    parser.add_argument("--curve-keys", metavar="DIR",
+                        help="CURVE keys: DIR/server.key_secret and DIR/authorized/*.key (client public keys)")
+    parser.add_argument("--publish-traces", action="store_true", help="attach full traces to the live stream")
+    parser.add_argument("--record", metavar="DIR", help="record every batch served into a session in DIR")
+
+    def handler(args) -> int:
+        import sys
+
+        from labpnn.config import build_rig, load_config
+
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print(f"labpnn serve: {exc}", file=sys.stderr)
+            return 2
+        try:
+            rig = build_rig(config)
+        except (ConfigError, ValueError) as exc:
+            print(f"labpnn serve: {exc}", file=sys.stderr)
+            return 2
+        connect = getattr(rig, "connect", None)
+        if connect is not None:
+            connect()
+        try:
+            try:
+                server = DeviceServer(rig, config.server, bind=args.bind, publish=args.publish,
+                                      insecure=args.insecure, curve_keys=args.curve_keys, name=config.name,
+                                      publish_traces=args.publish_traces)
+            except (InsecureBind, FileNotFoundError, ValueError) as exc:
+                print(f"labpnn serve: {exc}", file=sys.stderr)
+                return 2
+            _serve_cli(server)
+        finally:
+            close = getattr(rig, "close", None)
+            if close is not None:
+                close()
+        return 0
+
+    return handler
+
+
+def _serve_cli(server: DeviceServer) -> None:
+    import sys
+
+    def announce():
+        server._ready.wait()
+        if server._start_error is None:
+            print(f"labpnn serve: {server.name} listening on {server.address}"
+                  + (f", live stream on {server.publish_address}" if server.publish_address else "")
+                  + (" (CURVE)" if server._curve else ""), flush=True)
+            sys.stdout.flush()
+
+    threading.Thread(target=announce, daemon=True).start()
+    try:
+        server.serve_forever()
+    except zmq.ZMQError as exc:
+        raise SystemExit(f"labpnn serve: cannot bind: {exc}") from None
+
+
+__all__ = ["DeviceServer", "InsecureBind", "SystemAdapter", "cli_serve", "identity_hash", "is_loopback"]
