@@ -21,6 +21,7 @@ import numpy as np
 FLAG_SATURATED = 1 << 0  #: at least one pixel at the sensor's full scale
 FLAG_QUANTISED = 1 << 1  #: the controls applied differ from those sent (instrument resolution)
 FLAG_LIMITED = 1 << 2  #: a safety limit clipped the controls applied
+FLAG_REPLAY_APPROX = 1 << 8  #: a replay answered from a near or modelled record, not an exact one
 
 
 class InstrumentError(RuntimeError):

@@ -304,7 +304,7 @@ class RigClient:
             applied=arrays.get("applied", np.empty((n, batch.shape[1] if batch.ndim == 2 else 0), np.float32)),
             timestamps=arrays.get("timestamps", np.empty(n)), flags=arrays.get("flags", np.zeros(n, np.uint32)),
             error=error, busy_s=float(result.get("busy_s") or 0.0),
-            meta={"batch": result.get("batch"), "server": self.address})
+            meta={**(result.get("meta") or {}), "batch": result.get("batch"), "server": self.address})
 
     def _submit(self, op: str, args: dict | None, arrays: dict | None) -> str:
         rid = f"{self._prefix}-{next(self._counter)}"

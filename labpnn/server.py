@@ -32,6 +32,7 @@ import zmq
 
 from labpnn.config import ConfigError, ServerSection
 from labpnn.contract import Measurement, validate_controls
+from labpnn.drivers.roles import FLAG_SATURATED
 from labpnn.protocols.codec import decode_request, dumps, encode_error, encode_progress, encode_reply, peek_id
 from labpnn.protocols.errors import (
     Aborted,
@@ -54,7 +55,6 @@ log = logging.getLogger(__name__)
 
 SERVER_SOFTWARE = "labpnn"
 MAX_EVICTED_IDS = 4096
-FLAG_SATURATED = 1  # labpnn.drivers.roles.FLAG_SATURATED (not imported: keep the server lean)
 
 
 class InsecureBind(ValueError):
@@ -730,6 +730,8 @@ class DeviceServer:
         flags = np.asarray(m.flags, np.uint32)
         n_done = int(traces.shape[0])
         result = {"n_rows": job.total, "n_done": n_done, "batch": batch, "busy_s": float(m.busy_s)}
+        if m.meta:  # e.g. {"replay": "nearest"}: labels that must reach the caller
+            result["meta"] = m.meta
         frames = encode_reply(job.id, result=result, error=m.error, arrays={
             "traces": traces, "applied": np.asarray(m.applied, np.float32),
             "timestamps": np.asarray(m.timestamps, np.float64), "flags": flags})
@@ -738,11 +740,10 @@ class DeviceServer:
 
     # -- results back in the socket thread ------------------------------------------------------
     def _drain_finished(self) -> None:
-        while True:
-            try:
-                self._wake.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
+        try:  # the worker sends one wake-up per drain; a later one makes the poller fire again
+            self._wake.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            pass
         with self._jobs_lock:
             finished = list(self._finished)
             self._finished.clear()
@@ -964,9 +965,15 @@ def cli_serve(parser):
         connect = getattr(rig, "connect", None)
         if connect is not None:
             connect()
+        system = rig
+        if args.record:  # a lab-side record of everything the rig does, whoever asks
+            from labpnn.session import record_to
+
+            system = record_to(args.record, rig, name=config.name, on_write_error="warn")
+            print(f"labpnn serve: recording to {system.writer.path}", flush=True)
         try:
             try:
-                server = DeviceServer(rig, config.server, bind=args.bind, publish=args.publish,
+                server = DeviceServer(system, config.server, bind=args.bind, publish=args.publish,
                                       insecure=args.insecure, curve_keys=args.curve_keys, name=config.name,
                                       publish_traces=args.publish_traces)
             except (InsecureBind, FileNotFoundError, ValueError) as exc:
@@ -974,7 +981,7 @@ def cli_serve(parser):
                 return 2
             _serve_cli(server)
         finally:
-            close = getattr(rig, "close", None)
+            close = getattr(system, "close", None)
             if close is not None:
                 close()
         return 0

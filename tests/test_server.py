@@ -414,9 +414,10 @@ def test_serve_answers_then_exits_0_on_sigterm(tmp_path):
                       '[rig]\nkind = "test"\nn_outputs = 32\nlatency_s = 0.05\n')
     proc = _labpnn("serve", "--config", str(config), "--record", str(tmp_path / "rec"))
     try:
-        line = proc.stdout.readline()
-        assert "listening on tcp://127.0.0.1:" in line, line + proc.stderr.read()
-        address = line.split("listening on ")[1].split()[0].rstrip(",")
+        lines = [proc.stdout.readline() for _ in range(2)]  # "recording to ...", "listening on ..."
+        assert "recording to" in lines[0], lines
+        assert "listening on tcp://127.0.0.1:" in lines[1], lines
+        address = lines[1].split("listening on ")[1].split()[0].rstrip(",")
         with RigClient(address, timeout_s=10) as client:
             assert client.describe()["name"] == "sig"
             out = {}
