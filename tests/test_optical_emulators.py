@@ -455,7 +455,9 @@ def test_client_vanishing_mid_command(rig):
     s = Scpi(port)
     assert s.query("*IDN?").startswith("YOKOGAWA")
     assert float(s.query(":SENS:WAV:STAR?")) == pytest.approx(770e-9)  # the partial command never ran
-    s.write("*RST")
+    # wait for the reset to run: a command sent just before closing still executes later, and
+    # would reset the next test's settings (the module shares one emulator)
+    assert s.query("*RST;*OPC?") == "1"
     s.close()
 
 
