@@ -25,7 +25,6 @@ from labpnn.protocols.errors import (
     LabpnnError,
     LimitExceeded,
 )
-from labpnn.sim_instruments.test_rig import sleep_until
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +160,7 @@ class Rig:
                         else:
                             applied[done, cols] = apply(row[cols])
                     if settle:
-                        sleep_until(perf() + settle)
+                        time.sleep(settle)
                     for name, acquire, cols in sens:  # noqa: B007
                         trace, bits = acquire()
                         if whole_s:

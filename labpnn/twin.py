@@ -1,0 +1,794 @@
+"""The digital twin: a torch model of ``controls float32[B, C] -> traces float32[B, S]``.
+
+PAT's backward pass is the twin's vector-Jacobian product, so the twin is only as good as its fit.
+It learns from measurements only (session rows, or arrays the caller measured) and never imports
+``labpnn.sim_instruments``: a simulated bench is fitted exactly like a real one.
+
+Model: ``Twin`` = `ControlFeatures` (per-channel standardisation; by default each control x in
+[0, 1] also gets the generic features exp(-k x), exp(-k (1 - x)), k = 1, 3, 6) -> a core network ->
+per-pixel output de-normalisation, so the core works on O(1) numbers while ``forward`` speaks
+measurement units. The default core is `ResidualMLP`: width/depth configurable, gated (SwiGLU)
+residual blocks by default (plain MLP blocks on request), SiLU so that the Jacobian PAT uses is
+smooth, plus a linear skip from input to output. Any ``nn.Module`` mapping ``[B, F] -> [B, S]``
+can be plugged in (``core=``; F = C with ``features="linear"``, the default for a custom core).
+Float32, CPU or GPU (``device=``).
+
+Fit (`fit_twin`): rows are ordered by time; the LAST ``holdout`` fraction is held out (controls
+the fit never saw, measured after every training row), a random ``val`` fraction of the rest drives
+early stopping, Adam with a cosine schedule that runs on whichever is further along, epochs or the
+wall-clock budget. Metrics, all on the held-out rows, in measurement units:
+
+* ``holdout_mse``: mean over rows and pixels of (prediction - measurement)^2;
+* ``holdout_nmse``: SSE / SST pooled over all pixels (SST about the per-pixel held-out mean),
+  so ``holdout_r2 = 1 - holdout_nmse`` is the *pooled* R^2; ``holdout_r2_pixel_mean`` is the mean
+  of per-pixel R^2 over pixels whose held-out variance is non-zero;
+* ``noise_var``: the noise floor sigma^2 — for each set of repeated measurements of one control
+  vector, the unbiased (ddof=1) sample variance across repeats per pixel, pooled over sets
+  (sum of squared deviations / sum of (n_repeats - 1)) and averaged over pixels;
+* ``noise_ratio = holdout_mse / noise_var``: a measurement is itself noisy, so even a perfect twin
+  has ``holdout_mse = noise_var``; 1.0 is the floor no model can beat;
+* ``noise_model``: ``var ~ a + b max(y, 0)`` fitted to the same repeats (shot + read noise), so
+  that `labpnn.online` can judge batches brighter or dimmer than the calibration mix.
+
+Rows tagged ``noise`` (repeats, see `labpnn.calibrate`) give sigma^2, are trained on and are
+never held out; without them, bit-identical control vectors anywhere in the data are used.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from labpnn.twin_metrics import (  # noqa: F401 - re-exported
+    control_groups,
+    expected_noise_var,
+    fit_noise_model,
+    noise_from_repeats,
+    noise_variance,
+    regression_metrics,
+)
+
+log = logging.getLogger(__name__)
+
+FORMAT = "labpnn-twin/1"
+
+#: tags whose rows a twin is fitted on by default (everything measured on purpose, not tests)
+FIT_TAGS = ("calibration", "noise", "train", "other")
+#: the tag of repeated measurements of the same controls (the noise floor)
+NOISE_TAG = "noise"
+
+
+# ------------------------------------------------------------------------------------------
+# model
+# ------------------------------------------------------------------------------------------
+class GatedBlock(nn.Module):
+    """``W_o (SiLU(W_a h) * (W_b h))`` — a gated-linear-unit feed-forward block (SwiGLU). The
+    product gives the block multiplicative interactions between its inputs, which smooth maps
+    made of products (intensities of sums of fields, say) need and plain MLPs must approximate."""
+
+    def __init__(self, width: int, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or width
+        self.a, self.b, self.o = nn.Linear(width, hidden), nn.Linear(width, hidden), nn.Linear(hidden, width)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.o(nn.functional.silu(self.a(h)) * self.b(h))
+
+
+class ResidualMLP(nn.Module):
+    """``h = Linear(C, W)(x)``, then ``depth`` residual blocks ``h = h + block(h)``, then
+    ``Linear(W, S)`` plus a linear skip ``Linear(C, S)(x)``. ``block="gated"`` (default) uses
+    `GatedBlock`; ``block="mlp"`` uses ``Linear(SiLU(Linear(SiLU(h))))``. Every block's last
+    layer starts at zero, so a fresh network is shallow and blocks grow in as training needs them.
+    Activations are smooth (SiLU), so the Jacobian PAT uses is smooth too."""
+
+    def __init__(self, n_in: int, n_out: int, width: int = 256, depth: int = 2, linear_skip: bool = True,
+                 block: str = "gated"):
+        super().__init__()
+        if block not in ("gated", "mlp"):
+            raise ValueError("block must be 'gated' or 'mlp'")
+        self.n_in, self.n_out, self.width, self.depth, self.block = int(n_in), int(n_out), int(width), int(depth), block
+        self.inp = nn.Linear(n_in, width)
+        self.blocks = nn.ModuleList()
+        for _ in range(depth):
+            if block == "gated":
+                b = GatedBlock(width)
+                last = b.o
+            else:
+                b = nn.Sequential(nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+                last = b[3]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+            self.blocks.append(b)
+        self.act = nn.SiLU() if block == "mlp" else nn.Identity()
+        self.out = nn.Linear(width, n_out)
+        self.skip = nn.Linear(n_in, n_out) if linear_skip else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + block(h)
+        y = self.out(self.act(h))
+        if self.skip is not None:
+            y = y + self.skip(x)
+        return y
+
+
+class ControlFeatures(nn.Module):
+    """Per-channel features of controls in [0, 1]: the control itself and, for ``features="exp"``,
+    ``exp(-k x)`` and ``exp(-k (1 - x))`` for each rate k (default 1, 3, 6) — a fixed, generic
+    basis of monotone curves that lets the network express quantities exponential in a control
+    (e.g. an attenuation set linearly in dB) without learning the exponential itself. Each
+    feature is standardised with statistics of the training controls (buffers)."""
+
+    def __init__(self, n_controls: int, features: str = "exp", rates: Sequence[float] = (1.0, 3.0, 6.0)):
+        super().__init__()
+        if features not in ("exp", "linear"):
+            raise ValueError("features must be 'exp' or 'linear'")
+        self.n_controls, self.kind = int(n_controls), features
+        self.rates = tuple(float(r) for r in rates) if features == "exp" else ()
+        self.n_features = self.n_controls * (1 + 2 * len(self.rates))
+        self.register_buffer("_rates", torch.tensor(self.rates, dtype=torch.float32))
+        self.register_buffer("mean", torch.zeros(self.n_features))
+        self.register_buffer("std", torch.ones(self.n_features))
+
+    def raw(self, controls: Tensor) -> Tensor:
+        if not self.rates:
+            return controls
+        k = self._rates[None, :, None]
+        x = controls[:, None, :]
+        return torch.cat([controls, torch.exp(-k * x).flatten(1), torch.exp(-k * (1 - x)).flatten(1)], 1)
+
+    def forward(self, controls: Tensor) -> Tensor:
+        return (self.raw(controls) - self.mean) / self.std
+
+
+class Twin(nn.Module):
+    """``controls [B, C] -> traces [B, S]`` in measurement units (float32, any device).
+
+    ``forward`` = ``core(features(controls)) * out_std + out_mean`` where `ControlFeatures`
+    standardises the controls per channel (and, with ``features="exp"``, the default for the
+    built-in core, adds exponential features). The normalisation constants are buffers (saved,
+    moved with ``.to()``); ``meta`` is a plain JSON-able dict: data the twin was fitted on,
+    settings, fit metrics. A plugged-in ``core`` maps ``[B, n_features] -> [B, S]`` (with the
+    default ``features="linear"`` for a custom core, ``n_features == n_controls``)."""
+
+    def __init__(
+        self,
+        n_controls: int,
+        n_outputs: int,
+        *,
+        width: int = 256,
+        depth: int = 2,
+        block: str = "gated",
+        features: str | None = None,
+        rates: Sequence[float] = (1.0, 3.0, 6.0),
+        core: nn.Module | None = None,
+        core_spec: Mapping[str, Any] | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.n_controls, self.n_outputs = int(n_controls), int(n_outputs)
+        if features is None:
+            features = "exp" if core is None else "linear"
+        self.features = ControlFeatures(self.n_controls, features, rates)
+        if core is None:
+            core = ResidualMLP(self.features.n_features, self.n_outputs, width, depth, block=block)
+            core_spec = {"kind": "residual_mlp", "width": int(width), "depth": int(depth), "block": block}
+        elif core_spec is None:
+            core_spec = {"kind": "custom", "class": f"{type(core).__module__}:{type(core).__qualname__}"}
+        self.core = core
+        self.core_spec = dict(core_spec)
+        self.register_buffer("out_mean", torch.zeros(self.n_outputs))
+        self.register_buffer("out_std", torch.ones(self.n_outputs))
+        self.meta: dict[str, Any] = _jsonable(dict(meta or {}))
+
+    # -- normalisation --------------------------------------------------------------------
+    @torch.no_grad()
+    def set_normalisation(self, controls: Any, traces: Any) -> Twin:
+        """Mean/std of each control feature and of each output pixel. A pixel's std is floored
+        at 1e-3 of the largest pixel std (dark pixels are not blown up)."""
+        x = torch.as_tensor(np.asarray(controls, np.float32)).to(self.out_mean.device)
+        y = torch.as_tensor(np.asarray(traces, np.float32)).to(self.out_mean.device)
+        f = self.features.raw(x)
+        f_std = f.std(0) if f.shape[0] > 1 else torch.ones_like(f[0])
+        self.features.mean.copy_(f.mean(0))
+        self.features.std.copy_(torch.where(f_std > 1e-6, f_std, torch.ones_like(f_std)))
+        y_std = y.std(0) if y.shape[0] > 1 else torch.ones_like(y[0])
+        self.out_mean.copy_(y.mean(0))
+        floor = max(float(y_std.max()) * 1e-3, 1e-30)
+        self.out_std.copy_(y_std.clamp_min(floor))
+        return self
+
+    def normalise_traces(self, traces: Tensor) -> Tensor:
+        return (traces - self.out_mean) / self.out_std
+
+    def forward_normalised(self, controls: Tensor) -> Tensor:
+        """The core's output: traces in normalised units (what the fit's loss sees)."""
+        return self.core(self.features(controls))
+
+    def forward(self, controls: Tensor) -> Tensor:
+        return self.forward_normalised(controls) * self.out_std + self.out_mean
+
+    # -- conveniences ---------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.out_mean.device
+
+    @torch.no_grad()
+    def predict(self, controls: Any, *, batch_size: int = 4096) -> np.ndarray:
+        """NumPy in, NumPy out (float32), in chunks, no autograd."""
+        x = np.asarray(controls, np.float32)
+        out = np.empty((x.shape[0], self.n_outputs), np.float32)
+        was_training = self.training
+        self.eval()
+        try:
+            for i in range(0, x.shape[0], batch_size):
+                chunk = torch.from_numpy(x[i:i + batch_size]).to(self.device)
+                out[i:i + batch_size] = self(chunk).float().cpu().numpy()
+        finally:
+            self.train(was_training)
+        return out
+
+    def config(self) -> dict[str, Any]:
+        return {"n_controls": self.n_controls, "n_outputs": self.n_outputs, "core": dict(self.core_spec),
+                "features": self.features.kind, "rates": list(self.features.rates)}
+
+    def snapshot(self) -> Twin:
+        """An independent frozen copy (eval mode, parameters without grad) on the same device.
+        Gradients still flow to the *inputs*, which is what PAT's backward needs."""
+        twin = copy.deepcopy(self)
+        twin.eval()
+        for p in twin.parameters():
+            p.grad = None
+            p.requires_grad_(False)
+        return twin
+
+
+# ------------------------------------------------------------------------------------------
+# checkpoints
+# ------------------------------------------------------------------------------------------
+def save_twin(twin: Twin, path: str | Path) -> Path:
+    """A torch checkpoint: ``{"format", "config", "state", "meta"}`` with CPU tensors and plain
+    Python values only, so `load_twin` can use ``torch.load(weights_only=True)``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone() for k, v in twin.state_dict().items()}
+    payload = {"format": FORMAT, "config": _jsonable(twin.config()), "state": state,
+               "meta": _jsonable(twin.meta)}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_twin(
+    path: str | Path,
+    *,
+    map_location: str | torch.device = "cpu",
+    core: nn.Module | Callable[..., nn.Module] | None = None,
+    trust_core_class: bool = False,
+) -> Twin:
+    """Load a `save_twin` checkpoint (``weights_only=True``: no code runs while reading it).
+
+    A twin with a plugged-in core needs that core back: pass ``core`` (a fresh module of the same
+    shape, or a callable ``(n_features, n_outputs) -> module``), or ``trust_core_class=True`` to
+    import the class named in the checkpoint and call it with ``(n_features, n_outputs)``."""
+    payload = torch.load(Path(path), map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a labpnn twin checkpoint (format {FORMAT})")
+    config = payload["config"]
+    spec = dict(config["core"])
+    n_c, n_s = int(config["n_controls"]), int(config["n_outputs"])
+    feats = {"features": config.get("features", "linear"), "rates": config.get("rates") or (1.0, 3.0, 6.0)}
+    if spec.get("kind") == "residual_mlp":
+        twin = Twin(n_c, n_s, width=spec["width"], depth=spec["depth"], block=spec.get("block", "mlp"),
+                    meta=payload["meta"], **feats)
+    else:
+        if core is None and trust_core_class:
+            module_name, _, qualname = str(spec["class"]).partition(":")
+            obj: Any = importlib.import_module(module_name)
+            for part in qualname.split("."):
+                obj = getattr(obj, part)
+            core = obj
+        if core is None:
+            raise ValueError(
+                f"{path}: the twin has a custom core ({spec.get('class')}); pass core= or "
+                "trust_core_class=True to rebuild it"
+            )
+        n_f = ControlFeatures(n_c, feats["features"], feats["rates"]).n_features
+        module = core if isinstance(core, nn.Module) else core(n_f, n_s)
+        twin = Twin(n_c, n_s, core=module, core_spec=spec, meta=payload["meta"], **feats)
+    twin.load_state_dict(payload["state"])
+    return twin.to(map_location)
+
+
+# ------------------------------------------------------------------------------------------
+# fitting
+# ------------------------------------------------------------------------------------------
+@dataclass
+class FitReport:
+    """What a fit did and how good it is. All ``holdout_*`` numbers are on rows measured after
+    every training row, with controls the fit never saw (see the module docstring for
+    definitions: nmse and r2 are pooled over pixels, noise_var is the repeat variance)."""
+
+    n_train: int
+    n_val: int
+    n_holdout: int
+    epochs: int
+    steps: int
+    seconds: float
+    stopped: str  #: "epochs" | "patience" | "max_seconds"
+    best_epoch: int
+    val_mse: float  #: best validation MSE (measurement units)
+    holdout_mse: float | None
+    holdout_nmse: float | None  #: SSE / SST pooled over pixels
+    holdout_r2: float | None  #: 1 - holdout_nmse (pooled R^2)
+    holdout_r2_pixel_mean: float | None  #: mean over pixels of per-pixel R^2
+    noise_var: float | None  #: sigma^2: unbiased repeat variance, pooled, mean over pixels
+    noise_groups: int  #: how many repeated control vectors sigma^2 came from
+    noise_ratio: float | None  #: holdout_mse / noise_var (1.0 = the noise floor)
+    #: var ~ a + b * max(y, 0) fitted to the repeats (`labpnn.twin_metrics.fit_noise_model`)
+    noise_model: dict[str, float] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    data: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+    def summary(self) -> str:
+        def f(x: float | None, spec: str = ".4g") -> str:
+            return "n/a" if x is None else format(x, spec)
+
+        return (
+            f"fit: {self.n_train} train / {self.n_val} val / {self.n_holdout} held-out rows, "
+            f"{self.epochs} epochs ({self.steps} steps) in {self.seconds:.1f} s, stopped by {self.stopped}\n"
+            f"held-out: MSE {f(self.holdout_mse)}, NMSE {f(self.holdout_nmse)}, "
+            f"R2 {f(self.holdout_r2, '.5f')} (pooled; per-pixel mean {f(self.holdout_r2_pixel_mean, '.4f')})\n"
+            f"noise floor sigma^2 {f(self.noise_var)} from {self.noise_groups} repeated controls; "
+            f"noise ratio {f(self.noise_ratio, '.3f')} (1.0 = floor)"
+        )
+
+
+def split_by_time(
+    n_rows: int,
+    *,
+    holdout: float,
+    val: float,
+    order: np.ndarray | None = None,
+    never_holdout: np.ndarray | None = None,
+    controls: np.ndarray | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(train, val, holdout)`` row indices. ``order`` sorts rows by time (default: as given);
+    the last ``holdout`` fraction of the rows not in ``never_holdout`` is held out, minus any
+    whose control vector also occurs among the other rows (held-out controls are unseen);
+    ``val`` is a random fraction of the rest."""
+    order = np.arange(n_rows) if order is None else np.asarray(order)
+    eligible = np.ones(n_rows, bool)
+    if never_holdout is not None:
+        eligible[np.asarray(never_holdout)] = False
+    candidates = order[eligible[order]]
+    n_hold = int(round(holdout * n_rows)) if 0 < holdout < 1 else int(holdout)
+    n_hold = min(max(n_hold, 0), len(candidates))
+    held = candidates[len(candidates) - n_hold:] if n_hold else np.empty(0, np.int64)
+    is_held = np.zeros(n_rows, bool)
+    is_held[held] = True
+    if controls is not None and n_hold:
+        groups = control_groups(controls)
+        seen = np.zeros(int(groups.max()) + 1, bool)
+        seen[groups[~is_held]] = True
+        clash = is_held & seen[groups]
+        is_held &= ~clash
+        held = held[is_held[held]]
+    rest = np.flatnonzero(~is_held)
+    rng = np.random.default_rng(seed)
+    n_val = int(round(val * len(rest))) if 0 < val < 1 else int(val)
+    n_val = min(max(n_val, 1 if len(rest) > 1 else 0), max(len(rest) - 1, 0))
+    perm = rng.permutation(rest)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val]), np.asarray(held, np.int64)
+
+
+def _cosine(progress: float, floor: float = 0.02) -> float:
+    progress = min(max(progress, 0.0), 1.0)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_twin(
+    twin: Twin,
+    x: Tensor,
+    y: Tensor,
+    *,
+    x_val: Tensor | None = None,
+    y_val: Tensor | None = None,
+    epochs: int = 100,
+    max_seconds: float | None = 120.0,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    weight_decay: float = 0.0,
+    warmup: float = 0.02,
+    patience: int | None = 40,
+    patience_steps: int = 2000,
+    eval_every: int = 1,
+    pixel_weight: Tensor | None = None,
+    ema: float | None = None,
+    clip_grad: float | None = 1.0,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train ``twin`` in place on normalised data already on its device: x [N, C] controls,
+    y [N, S] traces in *normalised* units. Keeps (and restores) the best-validation weights.
+    The LR follows linear warm-up then cosine decay over whichever is further along: epochs or
+    ``max_seconds``. With ``ema`` (decay per step), validation and the result use an exponential
+    moving average of the weights (cheap variance reduction against the label noise). Returns a
+    small dict of what happened. Early stopping: no validation improvement for ``patience``
+    epochs or ``patience_steps`` optimisation steps, whichever is longer (small data sets have
+    short epochs), and only in the second half of the schedule (while the learning rate is high,
+    the validation loss is noisy; the best weights are kept either way). Gradients are clipped to norm ``clip_grad`` (gated blocks can
+    otherwise blow up at high learning rates)."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(twin.core.parameters(), lr=lr, weight_decay=weight_decay)
+    n = x.shape[0]
+    steps_per_epoch = max(1, math.ceil(n / batch_size))
+    total_steps = epochs * steps_per_epoch
+    if patience is not None:
+        patience = max(int(patience), math.ceil(patience_steps / steps_per_epoch))
+    w = pixel_weight if pixel_weight is not None else None
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    best = (math.inf, -1, copy.deepcopy(twin.core.state_dict()))
+    params = [p for p in twin.core.parameters()]
+    averaged = copy.deepcopy(twin.core) if ema else twin.core
+    avg_params = [p for p in averaged.parameters()]
+    for p in avg_params if ema else []:
+        p.requires_grad_(False)
+    history: list[dict[str, float]] = []
+    started = time.perf_counter()
+    step, epoch, stopped = 0, 0, "epochs"
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        # progress = the further along of epochs and the wall-clock budget, in %
+        bar = tqdm(total=100, desc="fit twin", unit="%", leave=False,
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
+
+    def loss_fn(pred: Tensor, target: Tensor) -> Tensor:
+        sq = (pred - target) ** 2
+        return (sq * w).mean() if w is not None else sq.mean()
+
+    @torch.no_grad()
+    def evaluate(xs: Tensor, ys: Tensor) -> float:
+        averaged.eval()
+        total = 0.0
+        for i in range(0, xs.shape[0], 4096):
+            pred = averaged(twin.features(xs[i:i + 4096]))
+            total += float(loss_fn(pred, ys[i:i + 4096])) * min(4096, xs.shape[0] - i)
+        averaged.train()
+        return total / max(xs.shape[0], 1)
+
+    twin.train()
+    try:
+        for epoch in range(1, epochs + 1):  # noqa: B007 - `epoch` is reported after the loop
+            perm = torch.randperm(n, generator=gen).to(x.device)
+            running = 0.0
+            seen = 0
+            for i in range(0, n, batch_size):
+                elapsed = time.perf_counter() - started
+                if max_seconds is not None and elapsed >= max_seconds and seen:
+                    break  # the budget is wall clock: stop mid-epoch
+                prog = max(step / total_steps, elapsed / max_seconds if max_seconds else 0.0)
+                scale = min(1.0, (prog / warmup) if warmup > 0 else 1.0) * _cosine(prog)
+                for group in opt.param_groups:
+                    group["lr"] = lr * scale
+                idx = perm[i:i + batch_size]
+                loss = loss_fn(twin.forward_normalised(x[idx]), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if clip_grad:
+                    nn.utils.clip_grad_norm_(params, clip_grad, foreach=True)
+                opt.step()
+                if ema:
+                    with torch.no_grad():
+                        torch._foreach_lerp_(avg_params, params, 1.0 - min(ema, (1.0 + step) / (10.0 + step)))
+                running += float(loss.detach()) * idx.shape[0]
+                seen += idx.shape[0]
+                step += 1
+            train_loss = running / max(seen, 1)
+            record = {"epoch": epoch, "train": train_loss, "seconds": time.perf_counter() - started}
+            if x_val is not None and x_val.shape[0] and (epoch % eval_every == 0 or epoch == epochs):
+                val_loss = evaluate(x_val, y_val)
+                record["val"] = val_loss
+                if val_loss < best[0]:
+                    best = (val_loss, epoch, copy.deepcopy(averaged.state_dict()))
+            elif x_val is None or not x_val.shape[0]:
+                best = (train_loss, epoch, copy.deepcopy(averaged.state_dict()) if ema else None)
+            history.append(record)
+            if bar is not None:
+                done = max(epoch / epochs, record["seconds"] / max_seconds if max_seconds else 0.0)
+                bar.n = min(100, int(100 * done))
+                bar.set_postfix(epoch=epoch, train=f"{train_loss:.3g}", val=f"{record.get('val', math.nan):.3g}")
+            if max_seconds is not None and time.perf_counter() - started >= max_seconds:
+                stopped = "max_seconds"
+                break
+            progress_now = max(epoch / epochs, (time.perf_counter() - started) / max_seconds if max_seconds else 0.0)
+            if patience is not None and best[1] >= 0 and epoch - best[1] > patience and progress_now >= 0.5:
+                stopped = "patience"
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    if best[2] is not None:
+        twin.core.load_state_dict(best[2])
+    twin.eval()
+    return {"epochs": epoch, "steps": step, "seconds": time.perf_counter() - started, "stopped": stopped,
+            "best_epoch": best[1], "best_val_loss": best[0], "history": history}
+
+
+def fit_twin(
+    controls: Any,
+    traces: Any,
+    *,
+    holdout: float = 0.1,
+    val: float = 0.1,
+    timestamps: Any = None,
+    noise_mask: Any = None,
+    noise_var: float | None = None,
+    width: int = 256,
+    depth: int = 2,
+    block: str = "gated",
+    features: str | None = None,
+    rates: Sequence[float] = (1.0, 3.0, 6.0),
+    core: nn.Module | None = None,
+    epochs: int = 100,
+    max_seconds: float | None = 120.0,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    weight_decay: float = 0.0,
+    patience: int | None = 40,
+    loss: str = "raw",
+    ema: float | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+    data: list[dict[str, Any]] | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> tuple[Twin, FitReport]:
+    """Fit a twin to measured ``controls [N, C] -> traces [N, S]`` and report on held-out rows.
+
+    ``timestamps`` orders rows in time (default: the given order); the last ``holdout`` fraction
+    (or that many rows if >= 1) is held out, ``val`` of the rest steers early stopping.
+    ``noise_mask`` marks repeated measurements (the session's ``noise`` rows): they give the noise
+    floor sigma^2 (unless ``noise_var`` is given), are trained on and never held out. Without
+    either, repeated control vectors anywhere in the data are used for sigma^2 if there are any.
+
+    Model: `Twin` with ``features`` (default "exp" for the built-in core) and a `ResidualMLP` of
+    ``width`` x ``depth`` ``block``s, or a plugged-in ``core``. Training: Adam (``lr``, batch
+    ``batch_size``), warm-up + cosine decay over whichever runs out first of ``epochs`` and
+    ``max_seconds`` (wall clock), gradient clipping, the best-validation weights kept, early
+    stopping by ``patience`` (see `train_twin`). ``loss="raw"`` weights each pixel's normalised
+    error by its variance, i.e. minimises the MSE in measurement units (what ``noise_ratio``
+    scores); ``loss="normalised"`` weights every pixel equally.
+
+    Metrics (`FitReport`; definitions in the module docstring): MSE, NMSE = SSE/SST pooled over
+    all pixels, R^2 pooled (= 1 - NMSE) and per-pixel mean, sigma^2 = pooled unbiased repeat
+    variance averaged over pixels, noise ratio = held-out MSE / sigma^2.
+
+    Returns ``(twin, report)``; the twin is in eval mode on ``device``, with the report, settings,
+    ``data`` provenance, the noise floor and the split (``meta["split"]``: row-index ranges into
+    the given arrays) in ``twin.meta``."""
+    x_np = np.ascontiguousarray(np.asarray(controls, np.float32))
+    y_np = np.ascontiguousarray(np.asarray(traces, np.float32))
+    if x_np.ndim != 2 or y_np.ndim != 2 or x_np.shape[0] != y_np.shape[0]:
+        raise ValueError(f"controls [N, C] and traces [N, S] must have the same N, got {x_np.shape} "
+                         f"and {y_np.shape}")
+    if x_np.shape[0] < 3:
+        raise ValueError(f"need at least 3 rows to fit a twin, got {x_np.shape[0]}")
+    if loss not in ("raw", "normalised"):
+        raise ValueError("loss must be 'raw' or 'normalised'")
+    n_rows = x_np.shape[0]
+    order = None if timestamps is None else np.argsort(np.asarray(timestamps), kind="stable")
+    noise_rows = None if noise_mask is None else np.flatnonzero(np.asarray(noise_mask, bool))
+    train_idx, val_idx, hold_idx = split_by_time(
+        n_rows, holdout=holdout, val=val, order=order, never_holdout=noise_rows, controls=x_np, seed=seed)
+    rep_rows = noise_rows if noise_rows is not None and len(noise_rows) else np.arange(n_rows)
+    rep_groups = control_groups(x_np[rep_rows])
+    est_var, noise_groups = noise_variance(y_np[rep_rows], rep_groups)
+    noise_model = fit_noise_model(y_np[rep_rows], rep_groups) if noise_groups else None
+    if noise_var is None:
+        noise_var = est_var
+    elif noise_model is not None and est_var:
+        noise_model = {k: v * noise_var / est_var for k, v in noise_model.items()}
+
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    twin = Twin(x_np.shape[1], y_np.shape[1], width=width, depth=depth, block=block, features=features,
+                rates=rates, core=core).to(device)
+    twin.set_normalisation(x_np[train_idx], y_np[train_idx])
+
+    def tensors(idx: np.ndarray) -> tuple[Tensor, Tensor]:
+        xs = torch.from_numpy(x_np[idx]).to(device)
+        ys = twin.normalise_traces(torch.from_numpy(y_np[idx]).to(device))
+        return xs, ys
+
+    x_tr, y_tr = tensors(train_idx)
+    x_va, y_va = tensors(val_idx)
+    weight = None
+    if loss == "raw":
+        var = twin.out_std ** 2
+        weight = var / var.mean()
+    settings = {"width": width, "depth": depth, "core": twin.core_spec, "features": twin.features.kind,
+                "rates": list(twin.features.rates), "epochs": epochs,
+                "max_seconds": max_seconds, "batch_size": batch_size, "lr": lr,
+                "weight_decay": weight_decay, "patience": patience, "loss": loss, "ema": ema, "holdout": holdout,
+                "val": val, "seed": seed, "device": str(device), "torch": torch.__version__,
+                "threads": torch.get_num_threads()}
+    run = train_twin(twin, x_tr, y_tr, x_val=x_va, y_val=y_va, epochs=epochs, max_seconds=max_seconds,
+                     batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience,
+                     pixel_weight=weight, ema=ema, seed=seed, progress=progress)
+    scale = float((twin.out_std ** 2).mean()) if loss == "raw" else None
+    val_mse = (run["best_val_loss"] * scale if scale is not None and math.isfinite(run["best_val_loss"])
+               else _mse(twin, x_np[val_idx], y_np[val_idx]))
+    hold = {}
+    if len(hold_idx):
+        hold = regression_metrics(twin.predict(x_np[hold_idx]), y_np[hold_idx], noise_var)
+    report = FitReport(
+        n_train=len(train_idx), n_val=len(val_idx), n_holdout=len(hold_idx), epochs=run["epochs"],
+        steps=run["steps"], seconds=run["seconds"], stopped=run["stopped"], best_epoch=run["best_epoch"],
+        val_mse=float(val_mse), holdout_mse=hold.get("mse"), holdout_nmse=hold.get("nmse"),
+        holdout_r2=hold.get("r2"), holdout_r2_pixel_mean=hold.get("r2_pixel_mean"),
+        noise_var=noise_var, noise_groups=noise_groups, noise_ratio=hold.get("noise_ratio"),
+        noise_model=noise_model,
+        settings=settings, data=list(data or []), history=run["history"],
+    )
+    twin.meta = _jsonable({**dict(meta or {}), "data": report.data, "settings": settings,
+                           "fit": {k: v for k, v in report.to_dict().items()
+                                   if k not in ("history", "settings", "data")},
+                           "split": {"train": _ranges(train_idx), "val": _ranges(val_idx),
+                                     "holdout": _ranges(hold_idx)},
+                           "noise_var": noise_var, "noise_model": noise_model})
+    return twin, report
+
+
+def _mse(twin: Twin, x: np.ndarray, y: np.ndarray) -> float:
+    if not len(x):
+        return float("nan")
+    return float(((twin.predict(x) - y) ** 2).mean())
+
+
+# ------------------------------------------------------------------------------------------
+# sessions
+# ------------------------------------------------------------------------------------------
+@dataclass
+class SessionData:
+    """Rows gathered from one or more session files, in time order."""
+
+    controls: np.ndarray
+    traces: np.ndarray
+    timestamps: np.ndarray
+    tags: np.ndarray
+    sources: list[dict[str, Any]]
+    describe: dict[str, Any]
+
+    @property
+    def noise_mask(self) -> np.ndarray:
+        return self.tags == NOISE_TAG
+
+
+def load_sessions(paths: Sequence[str | Path] | str | Path, *, tags: Iterable[str] | None = FIT_TAGS) -> SessionData:
+    """Read the rows tagged ``tags`` (None: all) from session files (`labpnn.session`), in time
+    order (stable: rows with equal or missing timestamps keep file order)."""
+    from labpnn.session import open_session
+
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    xs, ys, ts, tg, sources = [], [], [], [], []
+    describe: dict[str, Any] = {}
+    offset = 0.0
+    for path in paths:
+        reader = open_session(path)
+        try:
+            tags_arr = np.asarray(reader.tags).astype(str)
+            rows = np.arange(len(tags_arr)) if tags is None else reader.select(tags=tuple(tags))
+            rows = np.asarray(rows, np.int64)
+            ctrl = np.asarray(reader.controls[rows] if len(rows) else
+                              np.empty((0, int(reader.describe["n_controls"]))), np.float32)
+            trc = np.asarray(reader.traces[rows] if len(rows) else
+                             np.empty((0, int(reader.describe["n_outputs"]))), np.float32)
+            stamps = np.asarray(reader.timestamps[rows] if len(rows) else np.empty(0), np.float64)
+            desc = dict(reader.describe)
+            n_total = int(reader.n_rows)
+        finally:
+            close = getattr(reader, "close", None)
+            if close is not None:
+                close()
+        if not np.isfinite(stamps).all() or (len(stamps) and stamps.max() <= 0):
+            # imported data without real times: keep file order, after earlier files
+            stamps = offset + np.arange(len(rows), dtype=np.float64)
+        offset = max(offset, float(stamps.max()) + 1 if len(stamps) else offset)
+        if describe and (int(desc.get("n_controls", -1)) != int(describe.get("n_controls", -1))
+                         or int(desc.get("n_outputs", -1)) != int(describe.get("n_outputs", -1))):
+            raise ValueError(f"{path}: shape {desc.get('n_controls')}->{desc.get('n_outputs')} differs "
+                             f"from the first session's {describe.get('n_controls')}->{describe.get('n_outputs')}")
+        describe = describe or desc
+        xs.append(ctrl)
+        ys.append(trc)
+        ts.append(stamps)
+        tg.append(tags_arr[rows])
+        counts = {str(t): int(c) for t, c in zip(*np.unique(tags_arr[rows], return_counts=True))}
+        sources.append({"path": str(Path(path).resolve()), "rows": _ranges(rows), "n_rows": int(len(rows)),
+                        "n_rows_in_file": n_total, "tags": counts})
+    controls = np.concatenate(xs) if xs else np.empty((0, 0), np.float32)
+    traces = np.concatenate(ys) if ys else np.empty((0, 0), np.float32)
+    stamps = np.concatenate(ts) if ts else np.empty(0)
+    tags_all = np.concatenate(tg) if tg else np.empty(0, str)
+    order = np.argsort(stamps, kind="stable")
+    return SessionData(controls[order], traces[order], stamps[order], tags_all[order], sources, describe)
+
+
+def fit_twin_from_sessions(
+    paths: Sequence[str | Path] | str | Path,
+    *,
+    tags: Iterable[str] | None = FIT_TAGS,
+    **kwargs: Any,
+) -> tuple[Twin, FitReport]:
+    """`fit_twin` on the rows of session files tagged ``tags``; rows tagged ``noise`` give the
+    noise floor. The checkpoint's meta records each file, the rows used and the tag filter."""
+    return fit_twin_from_data(load_sessions(paths, tags=tags), tags=tags, **kwargs)
+
+
+def fit_twin_from_data(data: SessionData, *, tags: Iterable[str] | None = FIT_TAGS,
+                       **kwargs: Any) -> tuple[Twin, FitReport]:
+    """`fit_twin` on rows already read by `load_sessions` (row order = the fit's row order)."""
+    if data.controls.shape[0] == 0:
+        raise ValueError(f"no rows tagged {tuple(tags) if tags else 'anything'} in "
+                         f"{[s['path'] for s in data.sources]}")
+    desc = data.describe
+    axis = dict(desc.get("axis") or {})
+    system = {"name": desc.get("name"), "n_controls": desc.get("n_controls"), "n_outputs": desc.get("n_outputs"),
+              "axis": {"name": axis.get("name"), "unit": axis.get("unit")},
+              "instruments": desc.get("instruments")}
+    meta = {**kwargs.pop("meta", {}), "system": system, "tags": list(tags) if tags is not None else None}
+    return fit_twin(data.controls, data.traces, timestamps=data.timestamps, noise_mask=data.noise_mask,
+                    data=data.sources, meta=meta, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------
+def _ranges(idx: Any) -> list[list[int]]:
+    """Sorted row indices as ``[[start, stop), ...]`` runs (compact provenance)."""
+    idx = np.unique(np.asarray(idx, np.int64))
+    if not len(idx):
+        return []
+    breaks = np.flatnonzero(np.diff(idx) != 1)
+    starts = np.concatenate([[idx[0]], idx[breaks + 1]])
+    stops = np.concatenate([idx[breaks] + 1, [idx[-1] + 1]])
+    return [[int(a), int(b)] for a, b in zip(starts, stops)]
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain Python containers/scalars only (what ``torch.load(weights_only=True)`` accepts)."""
+    def default(o: Any) -> Any:
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, (Path, torch.device, torch.dtype)):
+            return str(o)
+        if isinstance(o, Tensor):
+            return o.detach().cpu().tolist()
+        return repr(o)
+
+    return json.loads(json.dumps(obj, default=default, allow_nan=True))
