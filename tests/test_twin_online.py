@@ -28,7 +28,7 @@ from labpnn.twin import fit_twin
 
 torch.set_num_threads(1)
 
-shg = pytest.importorskip("labpnn.sim_instruments.shg")
+from labpnn.sim_instruments import shg  # noqa: E402
 
 N_CH, N_PIX = 16, 128
 N_BATCHES, STEP_AT, STEP_DB = 60, 20, 1.0
@@ -193,7 +193,7 @@ def test_feed_rejects_wrong_shapes():
 
 
 def test_follow_a_growing_session(tmp_path):
-    session = pytest.importorskip("labpnn.session")
+    from labpnn import session
     from labpnn.contract import Measurement
 
     twin, w = _tiny_twin()
