@@ -1,0 +1,185 @@
+"""``labpnn demo``: the main job, end to end, on a simulated bench — nothing leaves 127.0.0.1.
+
+1. starts the simulated bench (`simulated_bench`: the one place that picks it — the optical
+   bench's WaveShaper and AQ6370 emulators, zero latency, behind the real drivers and `Rig`) and a
+   `DeviceServer` on loopback serving it; everything after that goes through a `RigClient`;
+2. calibrates (a sweep steered toward the controls the initial network sends, plus repeats for
+   the noise floor; ``calibration.h5``) and fits the twin (``twin.pt``);
+3. trains the vowel classifier with PAT and in-silico (same twin, same split, same seed), each
+   recording its own session and report (``pat/``, ``insilico/``), both evaluated on the physics;
+4. prints a results table and where the files are, and shuts everything down.
+
+``--quick`` is a short version (small calibration, short fit, a few epochs) for smoke tests.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: the optical bench's rig settings (as in examples/optical-sim.toml; addresses filled in at start)
+OPTICAL_RIG = {
+    "kind": "optical",
+    "shaper": {"n_channels": 64, "band_start_thz": 191.48, "band_stop_thz": 195.32, "attn_min_db": 0.0,
+               "attn_max_db": 30.0, "attn_resolution_db": 0.01, "settle_s": 0.0},
+    "osa": {"start_nm": 770.0, "stop_nm": 780.0, "points": 512, "resolution_nm": 0.05, "termination": "\n"},
+}
+
+
+@contextlib.contextmanager
+def simulated_bench(bench: str = "optical", *, settle_s: float = 0.0, sweep_s: float = 0.0,
+                    seed: int = 0) -> Iterator[Any]:
+    """A connected `Rig` on a simulated bench; closed (and its emulators stopped) on exit.
+
+    ``"optical"``: the SHG bench (64 shaper channels in [0, 1] -> 512-pixel SH spectrum) through
+    the WaveShaper and AQ6370 emulators on random loopback ports; ``settle_s`` is the shaper's
+    settle time per mask and ``sweep_s`` the OSA's sweep time (zero: the emulators answer at
+    once; a realistic bench is ~20 ms + ~200 ms). ``"test"``: the built-in `SimTestRig`
+    (16 -> 512) with a latency of ``settle_s + sweep_s`` per row."""
+    from labpnn.config import build_rig, parse_config
+
+    if bench == "optical":
+        from labpnn.sim_instruments.optical_bench import OpticalBenchEmulators
+        from labpnn.sim_instruments.shg import OpticalBenchConfig
+
+        emulators = OpticalBenchEmulators(OpticalBenchConfig(seed=seed), shaper_port=0, osa_port=0,
+                                          settle_s=settle_s, sweep_s=sweep_s).start()
+        try:
+            rig_section = json.loads(json.dumps(OPTICAL_RIG))
+            rig_section["shaper"]["url"] = emulators.shaper_url
+            rig_section["osa"]["resource"] = emulators.osa_resource
+            rig = build_rig(parse_config({"name": "optical-sim", "rig": rig_section}, "demo")).connect()
+            try:
+                yield rig
+            finally:
+                rig.close()
+        finally:
+            emulators.stop()
+    elif bench == "test":
+        rig = build_rig(parse_config({"name": "test-rig", "rig": {"kind": "test", "n_controls": 16, "n_outputs": 512,
+                                                                  "latency_s": settle_s + sweep_s,
+                                                                  "seed": seed}})).connect()
+        try:
+            yield rig
+        finally:
+            rig.close()
+    else:
+        raise ValueError(f"unknown bench {bench!r} (have: optical, test)")
+
+
+def run_demo(out_dir: str | Path | None = None, *, bench: str = "optical", quick: bool = False, seed: int = 0,
+             layers: int = 1, epochs: int | None = None, online_twin: bool = False, settle_s: float = 0.0,
+             sweep_s: float = 0.0,
+             progress: bool = True, dataset: str = "vowels", calibration_rows: int | None = None,
+             twin_seconds: float | None = None) -> dict[str, Any]:
+    """Run the main job; returns the summary written to ``OUT/demo.json``."""
+    import torch
+
+    from labpnn.client import RigClient
+    from labpnn.datasets import load_dataset
+    from labpnn.server import DeviceServer
+    from labpnn.session import SessionWriter, provenance
+    from labpnn.trainer import TrainSettings, calibrate_and_fit, operating_controls, train
+    from labpnn.twin import save_twin
+
+    out = Path(out_dir or Path("runs") / f"demo-{datetime.now():%Y%m%d-%H%M%S}")
+    out.mkdir(parents=True, exist_ok=True)
+    cal_rows = calibration_rows or (400 if quick else 4000)
+    twin_seconds = twin_seconds or (15.0 if quick else 90.0)
+    epochs = epochs or (3 if quick else 60)
+    started = time.perf_counter()
+    ds = load_dataset(dataset, seed=seed)
+    summary: dict[str, Any] = {"bench": bench, "dataset": ds.summary(), "layers": layers, "seed": seed,
+                               "quick": quick, "out": str(out)}
+    with simulated_bench(bench, settle_s=settle_s, sweep_s=sweep_s, seed=seed) as rig, \
+            DeviceServer(rig, bind="tcp://127.0.0.1:*", publish="", name=f"demo-{bench}") as server, \
+            RigClient(server.address) as client:
+        summary["server"] = server.address
+        print(f"bench {bench!r} served at {server.address}; outputs in {out}/", flush=True)
+        settings = TrainSettings(layers=layers, seed=seed)
+        writer = SessionWriter(out / "calibration.h5", client.describe(), provenance={"seeds": {"calibration": seed}})
+        try:
+            t0 = time.perf_counter()
+            twin, fit, calibration = calibrate_and_fit(
+                client, cal_rows, writer=writer, centres=operating_controls(client, ds, settings), seed=seed,
+                twin_seconds=twin_seconds, progress=progress)
+        finally:
+            writer.close()
+        save_twin(twin, out / "twin.pt")
+        summary["calibration"] = {"rows": int(len(calibration[0])), "seconds": time.perf_counter() - t0,
+                                  "twin_holdout_nmse": fit.get("holdout_nmse"), "twin_noise_ratio": fit.get("noise_ratio")}
+        print(f"calibrated {len(calibration[0])} rows and fitted the twin in {time.perf_counter() - t0:.0f} s "
+              f"(held-out NMSE {fit.get('holdout_nmse') or float('nan'):.3f})", flush=True)
+        results = {}
+        for method in ("pat", "insilico"):
+            torch.manual_seed(seed)
+            r = train(client, ds, method=method, twin=twin, calibration=calibration, layers=layers, epochs=epochs,
+                      seed=seed, session=out / method / "session.h5", report_dir=out / method,
+                      online_twin=online_twin, progress=progress)
+            results[method] = r.summary()
+            results[method]["report"] = str(out / method / "report.json")
+    summary["results"] = {m: {k: r[k] for k in ("test_accuracy", "val_accuracy", "best_epoch", "passes",
+                                                "passes_to_target", "twin_test_accuracy", "digital_baseline",
+                                                "duty_cycle", "seconds", "report", "session")}
+                          for m, r in results.items()}
+    summary["seconds"] = time.perf_counter() - started
+    summary["provenance"] = provenance(seeds={"demo": seed})
+    (out / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(format_table(summary))
+    return summary
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    res = summary["results"]
+    base = next(iter(res.values()))["digital_baseline"] or {}
+    lines = [
+        "",
+        f"vowels on the simulated {summary['bench']} bench, {summary['layers']} physical layer(s), seed {summary['seed']}"
+        f" — accuracy measured on the physics ({summary['dataset']['test']} test samples)",
+        f"{'method':<10} {'test acc':>9} {'val acc':>8} {'train passes':>13} {'to 95% val':>11} "
+        f"{'eval passes':>12} {'twin-only test':>15}",
+    ]
+    for method, r in res.items():
+        p = r["passes"]
+        to_target = r["passes_to_target"]
+        lines.append(f"{method:<10} {r['test_accuracy']:>9.3f} {r['val_accuracy']:>8.3f} {p['train']:>13d} "
+                     f"{('-' if to_target is None else str(to_target)):>11} {p['validation'] + p['test']:>12d} "
+                     f"{r['twin_test_accuracy']:>15.3f}")
+    lines.append(f"{'logistic':<10} {base.get('test', float('nan')):>9.3f} {base.get('validation', float('nan')):>8.3f}"
+                 "   (digital linear classifier on the same split)")
+    cal = summary["calibration"]
+    lines.append(f"calibration: {cal['rows']} passes (shared), twin held-out NMSE {cal['twin_holdout_nmse']:.3f}")
+    lines.append(f"files: {summary['out']}/  (demo.json, calibration.h5, twin.pt, pat/, insilico/: report.json, "
+                 "PNGs, session.h5)")
+    lines.append(f"total {summary['seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def cli_demo(parser: argparse.ArgumentParser):
+    parser.add_argument("--quick", action="store_true", help="a short version (smoke test)")
+    parser.add_argument("--bench", choices=("optical", "test"), default="optical")
+    parser.add_argument("--out", help="output directory (default runs/demo-TIMESTAMP)")
+    parser.add_argument("--layers", type=int, default=1, choices=(1, 2, 3))
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--online-twin", action="store_true", help="refine the twin online during PAT")
+    parser.add_argument("--settle-ms", type=float, default=0.0, help="shaper settle time per row (default 0)")
+    parser.add_argument("--sweep-ms", type=float, default=0.0, help="OSA sweep time per row (default 0)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    def handler(args: argparse.Namespace) -> int:
+        logging.getLogger("labpnn").setLevel(logging.WARNING if not args.verbose else logging.DEBUG)
+        run_demo(args.out, bench=args.bench, quick=args.quick, seed=args.seed, layers=args.layers, epochs=args.epochs,
+                 online_twin=args.online_twin, settle_s=args.settle_ms / 1e3, sweep_s=args.sweep_ms / 1e3,
+                 progress=not args.quiet)
+        return 0
+
+    return handler
