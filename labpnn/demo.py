@@ -25,7 +25,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-#: the optical bench's rig settings (as in examples/optical-sim.toml; addresses filled in at start)
+#: the optical rig the demo serves: examples/optical-sim.toml's instruments and axis, but a 0-30 dB
+#: control range (the example uses 0-10 dB) - the range the demo's PAT network was tuned on; the
+#: bench physics (noise, drift, gap) is the default one. Addresses are filled in at start.
 OPTICAL_RIG = {
     "kind": "optical",
     "shaper": {"n_channels": 64, "band_start_thz": 191.48, "band_stop_thz": 195.32, "attn_min_db": 0.0,
