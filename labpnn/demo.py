@@ -95,8 +95,8 @@ def run_demo(out_dir: str | Path | None = None, *, bench: str = "optical", quick
     out = Path(out_dir or Path("runs") / f"demo-{datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
     cal_rows = calibration_rows or (400 if quick else 4000)
-    twin_seconds = twin_seconds or (15.0 if quick else 90.0)
-    epochs = epochs or (3 if quick else 60)
+    twin_seconds = twin_seconds or (15.0 if quick else 75.0)
+    epochs = epochs or (3 if quick else 40)
     started = time.perf_counter()
     ds = load_dataset(dataset, seed=seed)
     summary: dict[str, Any] = {"bench": bench, "dataset": ds.summary(), "layers": layers, "seed": seed,

@@ -151,8 +151,13 @@ def table(results) -> str:
                 m, se = mean_se([r["test"] for r in rs])
                 twin = (f"{np.mean([r['twin_test'] for r in rs]):.3f}" if "twin_test" in rs[0] else "-")
                 reached = [r["passes_to_target"] for r in rs if r.get("passes_to_target") is not None]
-                to = (f"median {statistics.median(reached):.0f} ({len(reached)}/{len(rs)} runs)" if reached
-                      else (f"not reached (0/{len(rs)})" if method != "logistic" else "-"))
+                if method == "logistic":
+                    to = "-"
+                elif method == "insilico":  # no training passes at all; did the deployed model get there?
+                    to = f"0 passes; reached {len(reached)}/{len(rs)}"
+                else:
+                    to = (f"median {statistics.median(reached):.0f} ({len(reached)}/{len(rs)} runs)" if reached
+                          else f"not reached (0/{len(rs)})")
                 lines.append(f"{method:<10} {layers if layers else '-':>6} {m:>9.3f} ± {se:.3f} {twin:>10} {to:>26}")
     if "duty" in results:
         d = results["duty"]
