@@ -68,6 +68,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .serving import Served, TrackedConnections
 from .shg import SHGBench
 
 __all__ = ["AQ6370Emulator", "IDN"]
@@ -141,8 +142,10 @@ class _State:
     oper_event: int = 0
 
 
-class AQ6370Emulator:
+class AQ6370Emulator(Served):
     """An AQ6370-style OSA on ``host:port`` (port 0 picks a free one) reading ``bench``'s SH."""
+
+    thread_name = "aq6370-sim"
 
     def __init__(
         self,
@@ -162,50 +165,11 @@ class AQ6370Emulator:
         self.password = password
         self._lock = threading.RLock()
         self._errors: deque = deque()
-        self._server: _TCPServer | None = None
-        self._thread: threading.Thread | None = None
         self.sweeps = 0  #: completed sweeps
         self._reset()
         self._commands = self._command_table()
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> AQ6370Emulator:
-        if self._server is not None:
-            return self
-        self._server = _TCPServer((self.host, self._port), _Connection, self)
-        self._port = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="aq6370-sim", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        srv, self._server = self._server, None
-        if srv is None:
-            return
-        srv.shutdown()
-        with srv.live_lock:
-            live = list(srv.live)
-        for sock in live:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        srv.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def __enter__(self) -> AQ6370Emulator:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        return self._port
-
     @property
     def resource(self) -> str:
         """The VISA resource string, ``TCPIP::127.0.0.1::PORT::SOCKET``."""
@@ -513,25 +477,8 @@ def _split_commands(line: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------- socket server
-class _TCPServer(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    block_on_close = False
-    allow_reuse_address = True
-
-    def __init__(self, addr, handler, owner: AQ6370Emulator):
-        self.owner = owner
-        self.live: set = set()
-        self.live_lock = threading.Lock()
-        super().__init__(addr, handler)
-
-    def process_request_thread(self, request, client_address):
-        with self.live_lock:
-            self.live.add(request)
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self.live_lock:
-                self.live.discard(request)
+class _TCPServer(TrackedConnections, socketserver.ThreadingTCPServer):
+    pass
 
 
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
@@ -584,3 +531,8 @@ class _Connection(socketserver.BaseRequestHandler):
                     sock.sendall(reply)
         except (ConnectionError, OSError):
             return
+
+
+# the connection handler is defined after the emulator it serves
+AQ6370Emulator.server_class = _TCPServer
+AQ6370Emulator.handler_class = _Connection

@@ -48,6 +48,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 
+from .serving import Served, TrackedConnections
 from .shg import SHGBench
 
 __all__ = ["WaveShaperEmulator", "RC_NAMES"]
@@ -91,25 +92,8 @@ class _ProfileError(Exception):
         self.detail = detail
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-    allow_reuse_address = True
-
-    def __init__(self, addr, handler, owner: WaveShaperEmulator):
-        self.owner = owner
-        self.live: set = set()
-        self.live_lock = threading.Lock()
-        super().__init__(addr, handler)
-
-    def process_request_thread(self, request, client_address):
-        with self.live_lock:
-            self.live.add(request)
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self.live_lock:
-                self.live.discard(request)
+class _Server(TrackedConnections, ThreadingHTTPServer):
+    pass
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -201,8 +185,12 @@ class _Handler(BaseHTTPRequestHandler):
         return length
 
 
-class WaveShaperEmulator:
+class WaveShaperEmulator(Served):
     """A WaveShaper REST server on ``host:port`` (port 0 picks a free one) shaping ``bench``'s light."""
+
+    thread_name = "waveshaper-sim"
+    server_class = _Server
+    handler_class = _Handler
 
     def __init__(
         self,
@@ -234,49 +222,10 @@ class WaveShaperEmulator:
         self._port_of = np.ones(n, dtype=np.int64)
         self._apply_lock = threading.Lock()
         self._text: str | None = None
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
         self.loads = 0  #: successful loads so far
         self._apply(self._attn, self._phase, self._port_of)
 
     # -------------------------------------------------------------- lifecycle
-    def start(self) -> WaveShaperEmulator:
-        if self._server is not None:
-            return self
-        self._server = _Server((self.host, self._port), _Handler, self)
-        self._port = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="waveshaper-sim", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        srv, self._server = self._server, None
-        if srv is None:
-            return
-        srv.shutdown()
-        with srv.live_lock:
-            live = list(srv.live)
-        for sock in live:
-            try:
-                sock.shutdown(2)
-            except OSError:
-                pass
-        srv.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def __enter__(self) -> WaveShaperEmulator:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        return self._port
-
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self._port}"

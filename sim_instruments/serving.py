@@ -1,0 +1,83 @@
+"""What every emulator's server shares: a thread per connection, live connections tracked so
+`stop()` can cut them (a client that vanished must not keep a handler thread alive), and the
+start/stop lifecycle on 127.0.0.1 with port 0 meaning "pick a free one"."""
+from __future__ import annotations
+
+import socket
+import socketserver
+import threading
+from typing import Any
+
+
+class TrackedConnections:
+    """Mixin for a ``socketserver`` threading server (put it first in the bases)."""
+
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+
+    def __init__(self, addr, handler, owner: Any):
+        self.owner = owner  # the emulator; handlers reach it as ``self.server.owner``
+        self.live: set = set()
+        self.live_lock = threading.Lock()
+        super().__init__(addr, handler)
+
+    def process_request_thread(self, request, client_address):
+        with self.live_lock:
+            self.live.add(request)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.live_lock:
+                self.live.discard(request)
+
+
+class Served:
+    """Lifecycle of an emulator that serves ``server_class((host, port), handler_class, self)``.
+
+    Subclasses set ``server_class``, ``handler_class`` and ``thread_name``, and ``host``/``_port``
+    in their ``__init__``."""
+
+    server_class: type[socketserver.BaseServer]
+    handler_class: type[socketserver.BaseRequestHandler]
+    thread_name = "emulator"
+    host: str
+    _port: int
+    _server: socketserver.BaseServer | None = None
+    _thread: threading.Thread | None = None
+
+    def start(self):
+        if self._server is not None:
+            return self
+        self._server = self.server_class((self.host, self._port), self.handler_class, self)
+        self._port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name=self.thread_name, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        srv, self._server = self._server, None
+        if srv is None:
+            return
+        srv.shutdown()
+        with srv.live_lock:
+            live = list(srv.live)
+        for sock in live:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        srv.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        return self._port
