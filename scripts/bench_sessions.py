@@ -4,7 +4,8 @@
    of the same arrays to the same directory in the same run (best of a few alternating rounds).
 2. `RigClient` throughput with recording off vs on, against a device server in another process
    serving the built-in test rig: zero-cost (transport-bound, the hard case) and with a per-row
-   latency (20 ms per row stands in for the optical bench until it exists). Recording "trainer"
+   latency (20 ms per row: a rig whose instrument time dominates, as the optical bench's does;
+   bench_optical.py measures that stack itself). Recording "trainer"
    wraps the client in a `RecordingSystem`; "lab" records inside the server process
    (what `labpnn serve --record DIR` does). Lockstep `run` and pipelined `measure_many`.
 
