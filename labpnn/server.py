@@ -710,21 +710,13 @@ class DeviceServer:
             try:
                 settings = self._sys.configure(job.settings or {})
                 self._sys.description = self._sys.describe()
-            except LabpnnError as exc:
-                return encode_error(job.id, exc), {"error": exc}
             except Exception as exc:
-                log.exception("configure failed")
-                err = InternalError(f"configure failed: {type(exc).__name__}: {exc}")
-                return encode_error(job.id, err), {"error": err}
+                return self._failed(job, exc)
             return encode_reply(job.id, result={"settings": settings}), None
         try:
             m = self._sys.measure(job.controls, job.abort, job.set_done)
-        except LabpnnError as exc:
-            return encode_error(job.id, exc), {"error": exc}
         except Exception as exc:
-            log.exception("run failed")
-            err = InternalError(f"run failed: {type(exc).__name__}: {exc}")
-            return encode_error(job.id, err), {"error": err}
+            return self._failed(job, exc)
         batch = next(self._batch_counter)
         traces = np.asarray(m.traces, np.float32)
         flags = np.asarray(m.flags, np.uint32)
@@ -737,6 +729,15 @@ class DeviceServer:
             "timestamps": np.asarray(m.timestamps, np.float64), "flags": flags})
         return frames, {"batch": batch, "n_done": n_done, "traces": traces, "flags": flags,
                         "busy_s": float(m.busy_s), "error": m.error}
+
+    @staticmethod
+    def _failed(job: Job, exc: Exception) -> tuple[list[Any], dict]:
+        """The error reply for a job whose system call raised: protocol errors as they are,
+        anything else as INTERNAL (logged: it is a bug or an unexpected instrument fault)."""
+        if not isinstance(exc, LabpnnError):
+            log.error("%s failed", job.op, exc_info=exc)
+            exc = InternalError(f"{job.op} failed: {type(exc).__name__}: {exc}")
+        return encode_error(job.id, exc), {"error": exc}
 
     # -- results back in the socket thread ------------------------------------------------------
     def _drain_finished(self) -> None:
