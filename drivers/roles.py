@@ -72,3 +72,15 @@ class Sensor(Instrument, Protocol):
 
     def acquire(self) -> tuple[np.ndarray, int]:
         """Acquire one trace: (float32[n_outputs], flag bits)."""
+
+
+@runtime_checkable
+class BatchInstrument(Instrument, Protocol):
+    """Optional, for an instrument that is both a rig's only actuator and its only sensor and can
+    measure a whole batch itself: a simulator, or hardware that sequences a list of patterns
+    against a trigger. The rig then makes one call instead of a Python loop over rows."""
+
+    def measure_batch(self, controls: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Apply and acquire every row of ``controls`` (float32[B, C], already validated):
+        (traces float32[B, S], flags uint32[B]). Return None to decline, so the rig goes row by
+        row (e.g. when rows take long enough that an abort between them matters)."""

@@ -38,6 +38,9 @@ class ServerSection(Strict):
     max_message_bytes: int = Field(256 * 2**20, gt=0)
     lease_s: float = Field(10.0, gt=0)
     reply_cache: int = Field(64, ge=1)
+    #: batches expected to take at most this long (from the rig's recent seconds per row) run in the
+    #: socket thread: a thread hand-off costs more than such a batch; 0 sends every batch to the worker
+    inline_max_s: float = Field(0.002, ge=0, le=0.1)
     curve: CurveSection | None = None
 
 

@@ -4,7 +4,9 @@ For each row of a batch the rig applies every actuator (each takes its own slice
 vector, in order), waits until the slowest actuator's settle deadline, acquires every sensor (traces
 concatenated in order) and stamps the time. Every batch is validated whole before anything moves;
 on an instrument failure the rows done so far are kept and the actuators are put in their safe
-state. Imports no torch: the device server runs this.
+state. An instrument that is the rig's only actuator and only sensor and offers ``measure_batch``
+(`BatchInstrument`: a simulator, a hardware-sequenced instrument) gets the whole batch in one call
+instead; its rows share the batch's completion time. Imports no torch: the device server runs this.
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ class Rig:
         self._slices = [slice(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
         self.n_controls = int(bounds[-1])
         self._identities: dict[str, str] = {}
+        only = self.actuators[0] if len(self.actuators) == 1 and self.sensors == self.actuators else None
+        self._measure_batch = getattr(only, "measure_batch", None)
         self._lock = threading.Lock()  # one actuation at a time, whoever calls
         self.busy_s = 0.0  #: total instrument time since connect (apply -> acquired, per row)
         self.rows_done = 0
@@ -126,6 +130,12 @@ class Rig:
         function calls of our own, no slicing when one instrument covers all channels."""
         batch = self.validate(controls)
         n_rows = batch.shape[0]
+        if self._measure_batch is not None and (abort is None or not abort.is_set()):
+            m = self._batch_measurement(batch)
+            if m is not None:
+                if progress is not None:
+                    progress(n_rows)
+                return m
         traces = np.empty((n_rows, self.n_outputs), np.float32)
         applied = batch.copy()  # overwritten only where an actuator reports something else
         stamps = np.empty(n_rows, np.float64)
@@ -188,6 +198,28 @@ class Rig:
         if quantised.any():
             flags[:done][quantised] |= FLAG_QUANTISED
         return Measurement(batch, traces[:done], applied[:done], stamps[:done], flags[:done], error, busy)
+
+    def _batch_measurement(self, batch: np.ndarray) -> Measurement | None:
+        with self._lock:
+            started = time.perf_counter()
+            try:
+                out = self._measure_batch(batch)
+            except Exception as exc:
+                self.safe_state()
+                name = self.actuators[0].name
+                return Measurement(batch, np.empty((0, self.n_outputs), np.float32), batch[:0].copy(),
+                                   np.empty(0), np.empty(0, np.uint32), InstrumentFailure(
+                                       f"{name}: {exc} (a whole-batch measurement; no rows kept)",
+                                       details={"n_done": 0, "instrument": name,
+                                                "instrument_error": type(exc).__name__}))
+            if out is None:
+                return None
+            busy = time.perf_counter() - started
+            traces, flags = out
+            n_rows = batch.shape[0]
+            self.busy_s += busy
+            self.rows_done += n_rows
+        return Measurement(batch, traces, batch, np.full(n_rows, time.time()), flags, None, busy)
 
     # -- settings ----------------------------------------------------------------------------
     def configure(self, settings: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -6,7 +6,10 @@ Threads:
   sends replies, progress and the live stream;
 - the **worker thread** runs actuation jobs (``run``, ``configure``) one at a time, in order; it
   hands each finished reply back through a deque and wakes the socket thread through an inproc
-  PAIR (ZeroMQ sockets are never shared between threads);
+  PAIR (ZeroMQ sockets are never shared between threads). A ``run`` the rig is expected to finish
+  within ``inline_max_s`` (from its recent seconds per row; never the first batch, nor the first
+  after a ``configure``) runs in the socket thread instead when the worker is idle: two thread
+  wake-ups cost more than such a batch, and nothing waits longer than ``inline_max_s`` for it;
 - with CURVE, pyzmq's ``ThreadAuthenticator`` answers ZAP requests in a third thread.
 
 This module never imports torch (the lab PC may not have it).
@@ -153,6 +156,9 @@ class SystemAdapter:
 
 
 # -- jobs and the reply cache ------------------------------------------------------------------
+NEVER_ABORTED = threading.Event()  #: for inline batches: nothing can abort them (nothing else runs meanwhile)
+
+
 @dataclass(eq=False)
 class Job:
     key: tuple[str, str]  #: (identity, request id)
@@ -162,7 +168,7 @@ class Job:
     controls: np.ndarray | None = None
     settings: dict | None = None
     total: int | None = None
-    abort: threading.Event = field(default_factory=threading.Event)
+    abort: threading.Event = NEVER_ABORTED  #: a job for the worker gets its own event (`_enqueue`)
     state: str = "queued"
     done_rows: int | None = None
     last_progress: float = field(default_factory=time.monotonic)
@@ -183,7 +189,10 @@ class _Cached:
 
 
 def _frames_nbytes(frames: list[Any]) -> int:
-    return sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in frames)
+    total = 0
+    for f in frames:
+        total += len(f) if type(f) is bytes else memoryview(f).nbytes
+    return total
 
 
 class DeviceServer:
@@ -218,6 +227,7 @@ class DeviceServer:
         self.max_message_bytes = int(section.max_message_bytes)
         self.lease_s = float(section.lease_s)
         self.reply_cache = int(section.reply_cache)
+        self.inline_max_s = float(section.inline_max_s)
         self.reply_cache_bytes = int(reply_cache_bytes)
         self.progress_s = float(progress_s)
         self.status_interval_s = float(status_interval_s)
@@ -249,6 +259,7 @@ class DeviceServer:
         self._running: Job | None = None
         self._finished: collections.deque[tuple[Job, list[Any], dict | None]] = collections.deque()
         self._worker_stop = False
+        self._row_s: float | None = None  # seconds per row of recent batches (rises at once, decays slowly)
 
         # socket-thread state
         self._pending: dict[tuple[str, str], Job] = {}
@@ -654,7 +665,9 @@ class DeviceServer:
                            f"{self.max_message_bytes}; send at most {most} rows per batch",
                            details={"bytes": reply_bytes, "max_message_bytes": self.max_message_bytes,
                                     "max_rows": most})
-        self._enqueue(Job(key, "run", route, identity, controls=controls, total=rows))
+        job = Job(key, "run", route, identity, controls=controls, total=rows)
+        if not self._run_inline(job):
+            self._enqueue(job)
         return None
 
     def _op_configure(self, request, arrays, identity, route, key):
@@ -664,6 +677,7 @@ class DeviceServer:
         return None
 
     def _enqueue(self, job: Job) -> None:
+        job.abort = threading.Event()
         self._pending[job.key] = job
         self._jobs_of[job.identity] += 1
         with self._jobs_lock:
@@ -671,6 +685,35 @@ class DeviceServer:
             wake, self._worker_waiting = self._worker_waiting, False
         if wake:
             self._work_signal.put(None)
+
+    def _run_inline(self, job: Job) -> bool:
+        """Run ``job`` in this (the socket) thread if the rig is idle and the batch is expected to
+        take at most ``inline_max_s``; False if it must go to the worker."""
+        row_s = self._row_s
+        if row_s is None or row_s * (job.total or 1) > self.inline_max_s:
+            return False
+        with self._jobs_lock:
+            if self._running is not None or self._queue:
+                return False  # keep the order: it queues behind them
+            job.state = "running"
+            self._running = job
+        self._pending[job.key] = job
+        self._jobs_of[job.identity] += 1
+        try:
+            frames, summary = self._execute(job)
+        except Exception as exc:  # _execute handles errors; this is a last resort
+            log.exception("inline %s failed", job.op)
+            frames, summary = encode_error(job.id, InternalError(f"{type(exc).__name__}: {exc}")), None
+        finally:
+            with self._jobs_lock:
+                self._running = None
+        self._complete(job, frames, summary)
+        return True
+
+    def _note_row_time(self, elapsed: float, rows: int) -> None:
+        per_row = elapsed / max(rows, 1)
+        previous = self._row_s
+        self._row_s = per_row if previous is None or per_row > previous else 0.9 * previous + 0.1 * per_row
 
     # -- worker thread ---------------------------------------------------------------------------
     def _work(self) -> None:
@@ -708,15 +751,18 @@ class DeviceServer:
     def _execute(self, job: Job) -> tuple[list[Any], dict | None]:
         if job.op == "configure":
             try:
+                self._row_s = None  # new settings may make the rig slower: measure it again
                 settings = self._sys.configure(job.settings or {})
                 self._sys.description = self._sys.describe()
             except Exception as exc:
                 return self._failed(job, exc)
             return encode_reply(job.id, result={"settings": settings}), None
+        started = time.perf_counter()
         try:
             m = self._sys.measure(job.controls, job.abort, job.set_done)
         except Exception as exc:
             return self._failed(job, exc)
+        self._note_row_time(time.perf_counter() - started, job.total or 1)
         batch = next(self._batch_counter)
         traces = np.asarray(m.traces, np.float32)
         flags = np.asarray(m.flags, np.uint32)

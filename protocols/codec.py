@@ -12,11 +12,11 @@ protocol exceptions of ``errors``. Nothing here touches a socket.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import orjson
 from pydantic import ValidationError
 
 from labpnn.protocols.errors import (
@@ -45,6 +45,7 @@ from labpnn.protocols.messages import (
 
 _NP_DTYPES = {k: np.dtype(v) for k, v in DTYPES.items()}
 _WIRE_NAMES = {(dt.kind, dt.itemsize): k for k, dt in _NP_DTYPES.items()}
+_WIRE_OF_DTYPE = {dt: k for k, dt in _NP_DTYPES.items()}  #: exact (little-endian) dtypes only
 
 
 # -- small helpers ---------------------------------------------------------------------------
@@ -79,28 +80,19 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
-def _finite(obj: Any) -> Any:
-    """``obj`` with NaN/inf floats replaced by None (JSON has no NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _finite(obj.tolist())
-    if isinstance(obj, np.generic):
-        return _finite(obj.item())
-    return obj
+_ORJSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
 
 def dumps(obj: Any) -> bytes:
-    """Compact JSON, UTF-8; numpy values become plain JSON; NaN/inf become null."""
+    """Compact JSON, UTF-8; numpy values become plain JSON; NaN/inf become null. (orjson: the
+    stdlib encoder cost ~7 us per reply header, a tenth of a loopback round trip.)"""
     try:
-        return json.dumps(obj, separators=(",", ":"), allow_nan=False, default=_json_default).encode()
-    except ValueError:
-        return json.dumps(_finite(obj), separators=(",", ":"), allow_nan=False,
-                          default=_json_default).encode()
+        return orjson.dumps(obj, default=_json_default, option=_ORJSON_OPTIONS)
+    except orjson.JSONEncodeError:  # e.g. a big-endian array: every array through _json_default
+        try:
+            return orjson.dumps(obj, default=_json_default, option=orjson.OPT_NON_STR_KEYS)
+        except orjson.JSONEncodeError as exc:
+            raise TypeError(str(exc)) from None
 
 
 def array_frames(arrays: Mapping[str, Any] | None) -> tuple[list[dict], list[Any]]:
@@ -110,15 +102,16 @@ def array_frames(arrays: Mapping[str, Any] | None) -> tuple[list[dict], list[Any
     if not arrays:
         return specs, frames
     for name, value in arrays.items():
-        arr = np.asarray(value)
-        wire = _WIRE_NAMES.get((arr.dtype.kind, arr.dtype.itemsize))
-        if wire is None:
-            raise BadArray(f"array {name!r}: dtype {arr.dtype} cannot be sent (allowed: {', '.join(DTYPES)})")
-        target = _NP_DTYPES[wire]
-        if arr.dtype != target:  # only on big-endian data or hosts
-            arr = arr.astype(target)
-        arr = np.ascontiguousarray(arr)
-        specs.append({"name": name, "dtype": wire, "shape": list(arr.shape)})
+        arr = value if type(value) is np.ndarray else np.asarray(value)
+        wire = _WIRE_OF_DTYPE.get(arr.dtype)
+        if wire is None:  # big-endian data or host, or a dtype the wire does not carry
+            wire = _WIRE_NAMES.get((arr.dtype.kind, arr.dtype.itemsize))
+            if wire is None:
+                raise BadArray(f"array {name!r}: dtype {arr.dtype} cannot be sent (allowed: {', '.join(DTYPES)})")
+            arr = arr.astype(_NP_DTYPES[wire])
+        if not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)
+        specs.append({"name": name, "dtype": wire, "shape": arr.shape})
         frames.append(arr.data if arr.nbytes else b"")
     return specs, frames
 

@@ -12,7 +12,8 @@ The map, for one row x in [0, 1]^C (W1, b1, W2, b2 fixed by ``seed``)::
 Latency means the acquisition ends no earlier than ``latency_s`` after ``apply`` (the rig sleeps
 until that deadline), so software cost is never booked as instrument time. ``zero_cost=True`` skips
 the map and the noise entirely and returns a constant trace: a rig with no cost at all, for
-transport benchmarks.
+transport benchmarks. Without latency the rig measures a whole batch at once (``measure_batch``,
+vectorised: the same numbers as row by row, the noise drawn in the same order).
 
 Imports nothing from the rest of labpnn (sim_instruments stands outside, like a real bench).
 """
@@ -135,6 +136,22 @@ class SimTestRig:
             sleep_until(self._deadline)
         return trace, 0
 
+    # -- BatchInstrument ---------------------------------------------------------------------
+    def measure_batch(self, controls: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        if self.latency_s:
+            return None  # rows take time: let the rig go row by row, so an abort can stop between them
+        rows = controls.shape[0]
+        self.actuations += rows
+        self._row = controls[-1]
+        if self.zero_cost:
+            traces = np.zeros((rows, self.n_outputs), np.float32)
+        else:
+            hidden = np.tanh(controls @ self._w1 + self._b1)
+            traces = (hidden @ self._w2 + self._b2) ** 2
+            if self.noise:
+                traces += self.noise * self._noise_rng.standard_normal(traces.shape, np.float32)
+        return traces, np.zeros(rows, np.uint32)
+
     # -- PhysicalSystem ----------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         return {
@@ -154,6 +171,9 @@ class SimTestRig:
         if not np.isfinite(controls).all() or controls.min() < 0 or controls.max() > 1:
             raise ValueError("controls must be finite and in [0, 1]")
         self.check(controls)
+        batch = self.measure_batch(np.ascontiguousarray(controls))
+        if batch is not None:
+            return batch[0]
         out = np.empty((controls.shape[0], self.n_outputs), np.float32)
         for i, row in enumerate(controls):
             self.apply(row)

@@ -27,7 +27,7 @@ def controls(rows: int, n_controls: int = 16, seed: int = 0, high: float = 0.9) 
 
 @pytest.fixture
 def make_server():
-    """``make_server(system=None, *, lease_s=..., max_message_bytes=..., reply_cache=...,
+    """``make_server(system=None, *, lease_s=..., max_message_bytes=..., reply_cache=..., inline_max_s=...,
     rig=dict(...), **DeviceServer kwargs)`` -> a started DeviceServer (stopped at teardown).
     Without ``system``, serves a fresh test rig (``rig`` = SimTestRig kwargs); the server's
     ``sim`` attribute is then its SimTestRig."""
@@ -35,12 +35,13 @@ def make_server():
 
     servers = []
 
-    def make(system=None, *, lease_s=10.0, max_message_bytes=256 * 2**20, reply_cache=64, rig=None, **kwargs):
+    def make(system=None, *, lease_s=10.0, max_message_bytes=256 * 2**20, reply_cache=64, rig=None,
+             inline_max_s=0.002, **kwargs):
         sim = None
         if system is None:
             system, sim = make_test_rig(**(rig or {}))
-        section = ServerSection(bind=LOCAL, publish=LOCAL, lease_s=lease_s,
-                                max_message_bytes=max_message_bytes, reply_cache=reply_cache)
+        section = ServerSection(bind=LOCAL, publish=LOCAL, lease_s=lease_s, max_message_bytes=max_message_bytes,
+                                reply_cache=reply_cache, inline_max_s=inline_max_s)
         server = DeviceServer(system, section, **kwargs).start()
         server.sim = sim
         servers.append(server)

@@ -71,6 +71,15 @@ def test_json_header_has_no_nan_and_numpy_values_become_json():
     assert json.loads(frames[1])["result"] == {"a": 1.5, "b": None, "c": [0, 1]}
 
 
+def test_json_of_awkward_values_matches_the_stdlib_meaning():
+    header = codec.dumps({1: np.float32(2), "big": np.arange(2, dtype=">f4"), "half": np.ones(1, np.float16),
+                          "inf": np.array([np.inf, 1.0]), "set": {3}, "tuple": (1, 2)})
+    assert json.loads(header) == {"1": 2.0, "big": [0.0, 1.0], "half": [1.0], "inf": [None, 1.0], "set": [3],
+                                  "tuple": [1, 2]}
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        codec.dumps({"x": object()})
+
+
 @pytest.mark.parametrize("frames, exc, words", [
     ([VERSION], BadFrames, "at least 2 frames"),
     ([b"LPNN9", b"{}"], BadVersion, "LPNN9"),

@@ -235,6 +235,67 @@ def test_abort_mid_batch_returns_the_completed_rows(make_server, make_client):
     assert_alive(server)
 
 
+class ThreadNotingRig:
+    """A rig that notes which server thread measured each batch."""
+
+    def __init__(self, rig):
+        self.rig, self.threads = rig, []
+
+    def describe(self):
+        return self.rig.describe()
+
+    def configure(self, settings):
+        return self.rig.configure(settings)
+
+    def measure(self, controls, *, abort=None, progress=None):
+        self.threads.append(threading.current_thread().name)
+        return self.rig.measure(controls, abort=abort, progress=progress)
+
+
+def test_quick_batches_run_in_the_socket_thread_and_slow_ones_on_the_worker(make_server, make_client):
+    noting = ThreadNotingRig(make_test_rig(seed=2)[0])
+    server = make_server(noting)
+    local, _ = make_test_rig(seed=2)
+    client = make_client(server)
+    for i in range(4):
+        x = controls(3, seed=i)
+        np.testing.assert_array_equal(client.run(x), local.run(x))
+    # the first batch measures the rig's pace on the worker; the quick ones after it skip the hand-off
+    assert noting.threads == ["labpnn-worker"] + ["labpnn-server"] * 3
+    # new settings may slow the rig: the next batch goes to the worker, so ping and abort answer during it
+    client.configure({"testrig": {"latency_s": 0.03}})
+    out = {}
+    thread = threading.Thread(target=lambda: out.setdefault("m", client.measure(controls(40))))
+    thread.start()
+    time.sleep(0.3)
+    started = time.perf_counter()
+    client.ping()
+    assert time.perf_counter() - started < 0.2
+    assert client.abort()["running"] is True
+    thread.join(5)
+    assert isinstance(out["m"].error, Aborted) and 0 < out["m"].n_done < 40
+    assert noting.threads[-1] == "labpnn-worker"
+    assert_alive(server)
+
+
+def test_inline_max_s_zero_sends_every_batch_to_the_worker(make_server, make_client):
+    noting = ThreadNotingRig(make_test_rig()[0])
+    client = make_client(make_server(noting, inline_max_s=0))
+    for i in range(3):
+        client.run(controls(2, seed=i))
+    assert noting.threads == ["labpnn-worker"] * 3
+
+
+def test_row_time_estimate_rises_at_once_and_decays_slowly():
+    server = DeviceServer(make_test_rig()[0], bind="tcp://127.0.0.1:0", publish="")
+    server._note_row_time(0.010, 10)
+    assert server._row_s == pytest.approx(0.001)
+    server._note_row_time(0.5, 10)  # one slow batch: believed at once
+    assert server._row_s == pytest.approx(0.05)
+    server._note_row_time(0.0, 10)  # fast again: trusted only gradually
+    assert server._row_s == pytest.approx(0.045)
+
+
 def test_abort_cancels_queued_batches(make_server, make_client):
     server = make_server(rig={"latency_s": 0.03})
     client = make_client(server)
