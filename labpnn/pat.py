@@ -35,9 +35,9 @@ class PAT(torch.autograd.Function):
     def forward(ctx, controls: torch.Tensor, system: PhysicalSystem, twin: TwinLike) -> torch.Tensor:
         sent = controls.detach().cpu().numpy().astype(np.float32, copy=False)
         measured = measure_of(system, sent).raise_for_error()  # the one call to the physics
-        ctx.save_for_backward(torch.as_tensor(np.asarray(measured.applied, np.float32)).to(controls))
+        ctx.save_for_backward(torch.tensor(np.asarray(measured.applied, np.float32)).to(controls))
         ctx.twin = twin
-        return torch.as_tensor(np.asarray(measured.traces, np.float32)).to(controls)
+        return torch.tensor(np.asarray(measured.traces, np.float32)).to(controls)
 
     @staticmethod
     def backward(ctx, grad_traces: torch.Tensor):
@@ -89,7 +89,7 @@ class PhysicsForward:
     def __call__(self, controls: torch.Tensor) -> torch.Tensor:
         sent = controls.detach().cpu().numpy().astype(np.float32, copy=False)
         traces = measure_of(self.system, sent).raise_for_error().traces
-        return torch.as_tensor(np.asarray(traces, np.float32)).to(controls)
+        return torch.tensor(np.asarray(traces, np.float32)).to(controls)
 
 
 class LiveTwin(nn.Module):

@@ -100,6 +100,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+import zmq
 from h5py import h5s
 
 from labpnn.contract import Measurement, measure_of
@@ -522,13 +523,14 @@ def _close_open_writers() -> None:  # so queued batches reach the disk when a sc
 
 def _immutable(a: Any) -> bool:
     """True for an array nobody can change: read-only all the way down to an immutable buffer
-    (e.g. ``np.frombuffer`` over a received ZeroMQ frame). `append` need not copy those."""
+    (``bytes``, or a received ZeroMQ frame: what `RigClient` measurements are made of). `append`
+    need not copy those."""
     while isinstance(a, np.ndarray):
         if a.flags.writeable:
             return False
         a = a.base
     if isinstance(a, memoryview):
-        return a.readonly and isinstance(a.obj, bytes)
+        return a.readonly and isinstance(a.obj, (bytes, zmq.Frame))
     return isinstance(a, bytes)
 
 

@@ -683,7 +683,7 @@ def _plot_traces(m: Measurement, twin, path: Path, n: int = 4) -> str:
     plt = _plt()
     n = min(n, m.n_done)
     with torch.no_grad():
-        pred = twin(torch.as_tensor(np.asarray(m.applied[:n], np.float32))).numpy()
+        pred = twin(torch.tensor(np.asarray(m.applied[:n], np.float32))).numpy()
     fig, axes = plt.subplots(n, 1, figsize=(8, 1.8 * n + 0.5), sharex=True, squeeze=False)
     for k in range(n):
         ax = axes[k, 0]

@@ -6,7 +6,7 @@ buffer objects (numpy arrays) for ``socket.send_multipart(frames, copy=False)`` 
 small ones and sends the large ones (≥ 64 KiB) without copying.
 
 Only the header is validated by pydantic; arrays are checked with plain arithmetic and wrapped
-with ``np.frombuffer`` (no copy: the arrays share the received frames' memory). Errors are the
+with ``np.frombuffer`` (no copy: the arrays share the received frames' memory, read-only). Errors are the
 protocol exceptions of ``errors``. Nothing here touches a socket.
 """
 from __future__ import annotations
@@ -50,9 +50,10 @@ _WIRE_OF_DTYPE = {dt: k for k, dt in _NP_DTYPES.items()}  #: exact (little-endia
 
 # -- small helpers ---------------------------------------------------------------------------
 def _buffer(frame: Any) -> Any:
-    """A buffer over a frame's bytes without copying (zmq.Frame -> its memoryview)."""
+    """A buffer over a frame's bytes without copying (zmq.Frame -> its memoryview, read-only:
+    decoded arrays are a record of what arrived, and a session need not copy them)."""
     buf = getattr(frame, "buffer", None)
-    return frame if buf is None else buf
+    return frame if buf is None else buf.toreadonly()
 
 
 def _as_bytes(frame: Any) -> bytes:
