@@ -44,6 +44,21 @@ def test_request_round_trip_shares_memory_and_keeps_dtypes():
     assert arrays["controls"].dtype == np.float32
 
 
+def test_arrays_decoded_from_zmq_frames_are_read_only_views_that_a_session_need_not_copy():
+    import zmq
+
+    from labpnn.session import _immutable
+
+    x = controls(2)
+    frames = [zmq.Frame(bytes(f)) for f in codec.encode_request("run", {}, {"controls": x}, id="a", token="t")]
+    got = codec.decode_request(frames)[1]["controls"]
+    np.testing.assert_array_equal(got, x)
+    assert not got.flags.writeable and _immutable(got)
+    with pytest.raises(ValueError):
+        got.flags.writeable = True  # a read-only view of the frame stays read-only
+    assert not _immutable(x.copy())
+
+
 def test_reply_round_trip_with_all_array_kinds():
     arrays = {"traces": np.arange(6, dtype=np.float32).reshape(2, 3), "timestamps": np.array([1.5, 2.5]),
               "flags": np.array([0, 3], np.uint32), "empty": np.empty((0, 4), np.float32),
