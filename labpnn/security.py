@@ -103,6 +103,17 @@ def start_authenticator(context: zmq.Context, keys: ServerKeys) -> Any:
     return auth
 
 
+def allow_list_signature(authorized: Path) -> tuple:
+    """What identifies the allow-list's content: (name, mtime, size) of every ``*.key`` in it; the
+    server re-reads the directory when this changes (None if it cannot be read)."""
+    try:
+        with os.scandir(authorized) as entries:
+            return tuple(sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in entries
+                                if e.name.endswith(".key") and e.is_file()))
+    except OSError:
+        return None
+
+
 def make_curve_client(sock: zmq.Socket, server_public_key: KeySource,
                       client_keys: KeySource | tuple[KeySource, KeySource] | None = None) -> bytes:
     """Configure ``sock`` as a CURVE client; an ephemeral key pair is made if ``client_keys`` is

@@ -10,7 +10,9 @@ Threads:
   within ``inline_max_s`` (from its recent seconds per row; never the first batch, nor the first
   after a ``configure``) runs in the socket thread instead when the worker is idle: two thread
   wake-ups cost more than such a batch, and nothing waits longer than ``inline_max_s`` for it;
-- with CURVE, pyzmq's ``ThreadAuthenticator`` answers ZAP requests in a third thread.
+- with CURVE, pyzmq's ``ThreadAuthenticator`` answers ZAP requests in a third thread; the socket
+  thread re-reads the allow-list directory when its keys change (checked every second), so a key
+  added or removed there applies to new connections without a restart.
 
 This module never imports torch (the lab PC may not have it).
 """
@@ -280,6 +282,8 @@ class DeviceServer:
         self._status_due = 0.0
         self._housekeeping_due = 0.0
         self._status_dirty = False
+        self._keys_due = 0.0
+        self._keys_seen = None if self._curve is None else security.allow_list_signature(self._curve.authorized)
 
         self._ctx: zmq.Context | None = None
         self._auth = None
@@ -862,11 +866,24 @@ class DeviceServer:
                     frames = encode_progress(job.id, state="queued", done=0, total=job.total,
                                              queue_position=ahead)
                 self._send(job.route, frames)
+        if self._auth is not None and now >= self._keys_due:
+            self._reload_allow_list(now)
         if self._pub is not None and (self._status_dirty or now >= self._status_due):
             self._status_due = now + self.status_interval_s
             self._status_dirty = False
             if self._listening(b"status"):
                 self._publish(b"status", self._status(None))
+
+    def _reload_allow_list(self, now: float) -> None:
+        from labpnn import security
+
+        self._keys_due = now + 1.0
+        seen = security.allow_list_signature(self._curve.authorized)
+        if seen is None or seen == self._keys_seen:
+            return  # unchanged, or unreadable (the keys loaded before stay in force)
+        self._keys_seen = seen
+        self._auth.configure_curve(domain="*", location=str(self._curve.authorized))
+        log.info("allow-list %s re-read: %d client key(s)", self._curve.authorized, len(seen))
 
     # -- live stream -------------------------------------------------------------------------------
     def _read_subscriptions(self) -> None:

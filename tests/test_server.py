@@ -434,6 +434,47 @@ def test_curve_allow_list(make_server, make_client, curve_keys):
     assert alice.ping() > 0
 
 
+def test_allow_list_changes_apply_to_new_connections_without_a_restart(make_server, make_client, curve_keys):
+    server = make_server(curve_keys=curve_keys)
+    kwargs = {"server_public_key": curve_keys / "server.key", "timeout_s": 5}
+    with pytest.raises(AuthFailed):
+        make_client(server, client_keys=curve_keys / "mallory.key_secret", **kwargs).ping()
+    shutil.copy(curve_keys / "mallory.key", curve_keys / "authorized")
+    (curve_keys / "authorized" / "alice.key").unlink()
+    time.sleep(1.5)  # the server looks at the directory every second
+    assert make_client(server, client_keys=curve_keys / "mallory.key_secret", **kwargs).ping() > 0
+    with pytest.raises(AuthFailed):
+        make_client(server, client_keys=curve_keys / "alice.key_secret", **kwargs).ping()
+
+
+def test_live_stream_with_curve_reaches_allowed_subscribers_only(make_server, make_client, curve_keys):
+    import zmq
+
+    from labpnn.monitor import monitor
+
+    server = make_server(curve_keys=curve_keys)
+    keys = {"server_public_key": curve_keys / "server.key", "client_keys": curve_keys / "alice.key_secret"}
+    client = make_client(server, **keys)
+    client.lock()
+    ctx = zmq.Context.instance()
+    plain = ctx.socket(zmq.SUB)
+    plain.setsockopt(zmq.LINGER, 0)
+    plain.setsockopt(zmq.SUBSCRIBE, b"")
+    plain.connect(server.publish_address)
+    summary = {}
+    thread = threading.Thread(target=lambda: summary.update(monitor(
+        server.publish_address, count=3, seconds=10, interval_s=0.2, out=lambda line: None, **keys)))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while thread.is_alive() and time.monotonic() < deadline:
+        client.run(controls(2))
+        time.sleep(0.02)
+    thread.join(5)
+    assert summary["batches"] == 3 and summary["gaps"] == 0
+    assert not plain.poll(300)  # a subscriber without CURVE never completes the handshake
+    plain.close()
+
+
 def test_curve_identity_is_key_and_token(make_server, make_client, curve_keys):
     from labpnn.security import create_key_pair
 
