@@ -813,8 +813,8 @@ class DeviceServer:
             del self._jobs_of[job.identity]
         if job.identity == self._holder:
             self._last_seen = time.monotonic()
+        self._send(job.route, frames)  # first: the bookkeeping below is not the client's wait
         self._remember(job.key, job.op, frames)
-        self._send(job.route, frames)
         error = summary.get("error") if summary else None
         if error is not None:
             self._note_error(error, job.op)
