@@ -136,6 +136,7 @@ class RigClient:
         source = iter(batches)
         window: collections.deque[tuple[str, np.ndarray]] = collections.deque()
         exhausted = False
+        relocked = False  # since the last batch that ran
         try:
             while True:
                 while not exhausted and len(window) < max_in_flight:
@@ -150,16 +151,33 @@ class RigClient:
                 rid, batch = window.popleft()
                 reply, arrays = self._wait(rid)
                 if not reply.ok and self._error_code(reply) not in _PARTIAL:
-                    if self._error_code(reply) in (ErrorCode.NOT_LOCKED.value, ErrorCode.LOCKED.value):
+                    code = self._error_code(reply)
+                    if code in (ErrorCode.NOT_LOCKED.value, ErrorCode.LOCKED.value):
                         self.holding = False
+                    if code == ErrorCode.NOT_LOCKED.value and self.auto_lock and not relocked:
+                        # our lease ran out while we were away: everything in flight was refused
+                        # too (refused requests do nothing); take the lock and send it all again
+                        log.info("lock lease expired; taking the lock again")
+                        relocked = True
+                        self._forget(rid for rid, _ in window)
+                        again = [batch, *(b for _, b in window)]
+                        window.clear()
+                        self.lock()
+                        window.extend((self._submit("run", None, {"controls": b}), b) for b in again)
+                        continue
                     raise reply_error(reply)
+                relocked = False
                 yield self._measurement(batch, reply, arrays)
         finally:
-            with self._lock:
-                for rid, _ in window:
-                    if self._inflight.pop(rid, None) is not None:
-                        self._discard.add(rid)
-                    self._mailbox.pop(rid, None)
+            self._forget(rid for rid, _ in window)
+
+    def _forget(self, rids: Iterable[str]) -> None:
+        """Drop the replies of requests still in flight (they are discarded when they come)."""
+        with self._lock:
+            for rid in rids:
+                if self._inflight.pop(rid, None) is not None:
+                    self._discard.add(rid)
+                self._mailbox.pop(rid, None)
 
     # -- other ops -------------------------------------------------------------------------------
     def hello(self) -> dict[str, Any]:

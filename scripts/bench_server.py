@@ -5,6 +5,8 @@ For B x S in {1x512, 64x2048, 256x2048} float32 (C = 16) on the zero-cost test r
   (a) in-process ``Rig.run``
   (b) raw pyzmq DEALER/ROUTER echo: the same request bytes out, the same reply bytes back
       (traces + applied + timestamps + flags), no decoding, no rig
+  (e) the floor of any Python implementation: a server and client that only parse the JSON header
+      and wrap the arrays (no validation, no rig, no bookkeeping) and answer with the same frames
   (c) labpnn DeviceServer + RigClient
   (d) (c) with CURVE
 Throughput (batches/s, 4 requests in flight for b, c, d) and lockstep round-trip latency (median
@@ -35,6 +37,41 @@ IN_FLIGHT = 4
 
 
 # -- server processes -------------------------------------------------------------------------------
+def _reply_header(rid: str, rows: int, s: int) -> bytes:
+    import orjson
+
+    return orjson.dumps({"kind": "reply", "id": rid, "ok": True,
+                         "result": {"n_rows": rows, "n_done": rows, "batch": 0, "busy_s": 0.0}, "error": None,
+                         "arrays": [{"name": "traces", "dtype": "float32", "shape": [rows, s]},
+                                    {"name": "applied", "dtype": "float32", "shape": [rows, C]},
+                                    {"name": "timestamps", "dtype": "float64", "shape": [rows]},
+                                    {"name": "flags", "dtype": "uint32", "shape": [rows]}]})
+
+
+def _serve_floor(s: int) -> None:
+    """(e): parse the header, wrap the controls, answer with zero traces: nothing a real server
+    could leave out."""
+    import orjson
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.bind("tcp://127.0.0.1:*")
+    print(json.dumps({"address": sock.getsockopt(zmq.LAST_ENDPOINT).decode()}), flush=True)
+    zeros: dict[int, np.ndarray] = {}
+    while True:
+        frames = sock.recv_multipart(copy=False)
+        header = orjson.loads(frames[2].bytes)
+        if header.get("op") == "stop":
+            return
+        x = np.frombuffer(frames[3].buffer, np.float32).reshape(header["arrays"][0]["shape"])
+        rows = x.shape[0]
+        traces = zeros.get(rows)
+        if traces is None:
+            traces = zeros[rows] = np.zeros((rows, s), np.float32)
+        sock.send_multipart([frames[0], b"LPNN1", _reply_header(header["id"], rows, s), traces.data, x.data,
+                             np.full(rows, time.time()).data, np.zeros(rows, np.uint32).data], copy=False)
+
+
 def _serve_echo() -> None:
     """ROUTER that answers each request with a prebuilt reply of the matching size."""
     from labpnn.protocols.codec import encode_reply
@@ -143,6 +180,58 @@ class RawClient:
         return n / (time.perf_counter() - start)
 
 
+class FloorClient:
+    """(e): encode the header, receive, parse it, wrap the arrays; nothing else."""
+
+    def __init__(self, address):
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+        self.n = 0
+
+    def _send(self, x):
+        import orjson
+
+        self.n += 1
+        self.sock.send_multipart([b"LPNN1", orjson.dumps({
+            "id": f"f-{self.n}", "op": "run", "token": "t", "args": {},
+            "arrays": [{"name": "controls", "dtype": "float32", "shape": list(x.shape)}]}), x.data], copy=False)
+
+    def _recv(self):
+        import orjson
+
+        frames = self.sock.recv_multipart(copy=False)
+        header = orjson.loads(frames[1].bytes)
+        return [np.frombuffer(f.buffer, np.dtype(spec["dtype"])).reshape(spec["shape"])
+                for spec, f in zip(header["arrays"], frames[2:], strict=True)]
+
+    def lockstep(self, rows, seconds):
+        x = np.random.default_rng(0).random((rows, C), np.float32)
+
+        def once():
+            self._send(x)
+            self._recv()
+        return _timed(once, seconds)[1]
+
+    def throughput(self, rows, seconds):
+        x = np.random.default_rng(0).random((rows, C), np.float32)
+        for _ in range(IN_FLIGHT):
+            self._send(x)
+        n = 0
+        start = time.perf_counter()
+        end = start + seconds
+        while True:
+            self._recv()
+            n += 1
+            if time.perf_counter() >= end:
+                break
+            self._send(x)
+        for _ in range(IN_FLIGHT - 1):
+            self._recv()
+        return n / (time.perf_counter() - start)
+
+
 class LabpnnBench:
     def __init__(self, address, curve=None):
         from labpnn.client import RigClient
@@ -181,6 +270,8 @@ def main(argv=None) -> int:
     if args.serve is not None:
         if args.serve[0] == "echo":
             _serve_echo()
+        elif args.serve[0] == "floor":
+            _serve_floor(int(args.serve[1]))
         else:
             _serve_labpnn(int(args.serve[1]), args.serve[2] if len(args.serve) > 2 else None)
         return 0
@@ -196,12 +287,17 @@ def main(argv=None) -> int:
     create_key_pair("bench", keys)
     shutil.copy(keys / "bench.key", keys / "authorized" / "bench.key")
 
-    procs = []
+    procs, endless = [], []
     try:
         echo_proc, echo_addr = _spawn("echo")
         procs.append(echo_proc)
-        servers, curve_servers = {}, {}
+        endless.append(echo_proc)
+        servers, curve_servers, floors = {}, {}, {}
         for s in sorted({s for _, s in SIZES}):
+            proc, addr = _spawn("floor", str(s))
+            procs.append(proc)
+            endless.append(proc)
+            floors[s] = FloorClient(addr)
             proc, addr = _spawn("labpnn", str(s))
             procs.append(proc)
             servers[s] = LabpnnBench(addr)
@@ -222,6 +318,8 @@ def main(argv=None) -> int:
                 add((size, "a", "lat"), lat)
                 add((size, "b", "thr"), raw.throughput(rows, seconds))
                 add((size, "b", "lat"), raw.lockstep(rows, seconds))
+                add((size, "e", "thr"), floors[s].throughput(rows, seconds))
+                add((size, "e", "lat"), floors[s].lockstep(rows, seconds))
                 add((size, "c", "thr"), servers[s].throughput(rows, seconds))
                 add((size, "c", "lat"), servers[s].lockstep(rows, seconds))
                 add((size, "d", "thr"), curve_servers[s].throughput(rows, seconds))
@@ -232,20 +330,22 @@ def main(argv=None) -> int:
         print(f"\nbench_server: {repeats} interleaved repeats x {seconds:g} s, medians; C={C}; "
               f"{IN_FLIGHT} in flight for throughput; servers in separate processes\n")
         print("throughput, batches/s")
-        print(f"{'B x S':>10} {'a in-proc':>10} {'b raw zmq':>10} {'c labpnn':>10} {'d +CURVE':>10} "
-              f"{'c/b':>6} {'d/b':>6} {'c MB/s':>8}")
+        print(f"{'B x S':>10} {'a in-proc':>10} {'b raw zmq':>10} {'e floor':>10} {'c labpnn':>10} {'d +CURVE':>10} "
+              f"{'e/b':>6} {'c/b':>6} {'d/b':>6} {'c/e':>6} {'c MB/s':>8}")
         for rows, s in SIZES:
-            v = {m: med[((rows, s), m, "thr")] for m in "abcd"}
+            v = {m: med[((rows, s), m, "thr")] for m in "abcde"}
             mb = v["c"] * rows * s * 4 / 1e6
-            print(f"{rows:>4} x {s:<4} {v['a']:>10.0f} {v['b']:>10.0f} {v['c']:>10.0f} {v['d']:>10.0f} "
-                  f"{v['c'] / v['b']:>6.2f} {v['d'] / v['b']:>6.2f} {mb:>8.0f}")
+            print(f"{rows:>4} x {s:<4} {v['a']:>10.0f} {v['b']:>10.0f} {v['e']:>10.0f} {v['c']:>10.0f} "
+                  f"{v['d']:>10.0f} {v['e'] / v['b']:>6.2f} {v['c'] / v['b']:>6.2f} {v['d'] / v['b']:>6.2f} "
+                  f"{v['c'] / v['e']:>6.2f} {mb:>8.0f}")
         print("\nlockstep round trip, microseconds (median)")
-        print(f"{'B x S':>10} {'a in-proc':>10} {'b raw zmq':>10} {'c labpnn':>10} {'d +CURVE':>10} "
-              f"{'c/b':>6} {'d/b':>6}")
+        print(f"{'B x S':>10} {'a in-proc':>10} {'b raw zmq':>10} {'e floor':>10} {'c labpnn':>10} {'d +CURVE':>10} "
+              f"{'e/b':>6} {'c/b':>6} {'d/b':>6} {'c/e':>6}")
         for rows, s in SIZES:
-            v = {m: med[((rows, s), m, "lat")] * 1e6 for m in "abcd"}
-            print(f"{rows:>4} x {s:<4} {v['a']:>10.0f} {v['b']:>10.0f} {v['c']:>10.0f} {v['d']:>10.0f} "
-                  f"{v['c'] / v['b']:>6.2f} {v['d'] / v['b']:>6.2f}")
+            v = {m: med[((rows, s), m, "lat")] * 1e6 for m in "abcde"}
+            print(f"{rows:>4} x {s:<4} {v['a']:>10.0f} {v['b']:>10.0f} {v['e']:>10.0f} {v['c']:>10.0f} "
+                  f"{v['d']:>10.0f} {v['e'] / v['b']:>6.2f} {v['c'] / v['b']:>6.2f} {v['d'] / v['b']:>6.2f} "
+                  f"{v['c'] / v['e']:>6.2f}")
         thr = med[((64, 2048), "c", "thr")] / med[((64, 2048), "b", "thr")]
         lat = med[((1, 512), "c", "lat")] / med[((1, 512), "b", "lat")]
         print(f"\ntargets: throughput c/b at 64x2048 = {thr:.2f} (>= 0.85: {'met' if thr >= 0.85 else 'MISSED'}); "
@@ -254,8 +354,11 @@ def main(argv=None) -> int:
             bench.client.close()
         raw.sock.close()
         raw.ctx.term()
+        for floor in floors.values():
+            floor.sock.close()
     finally:
-        procs[0].terminate()  # the echo server
+        for proc in endless:  # the echo and floor servers read no stdin
+            proc.terminate()
         for proc in procs:
             try:
                 proc.stdin.close()

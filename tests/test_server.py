@@ -131,6 +131,21 @@ def test_lease_expires_after_silence_and_auto_lock_retakes_it(make_server, make_
     assert server.sim.actuations == 2
 
 
+def test_measure_many_retakes_an_expired_lease_and_resends_what_was_refused(make_server, make_client):
+    server = make_server(lease_s=0.3)
+    client = make_client(server)
+    local, _ = make_test_rig()
+    client.run(controls(1))
+    time.sleep(0.45)  # the lease runs out
+    batches = [controls(2, seed=i) for i in range(6)]
+    got = list(client.measure_many(batches, max_in_flight=3))
+    assert [m.n_done for m in got] == [2] * 6 and server.sim.actuations == 1 + 12  # the refused ones did nothing
+    for m, x in zip(got, batches, strict=True):
+        np.testing.assert_array_equal(m.controls, x)
+    assert client.status()["lock"]["you"]
+    assert_alive(server)
+
+
 def test_lease_is_kept_while_the_holders_batch_runs(make_server, make_client):
     server = make_server(lease_s=0.25, rig={"latency_s": 0.1})
     alice, bob = make_client(server), make_client(server)
