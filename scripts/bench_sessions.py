@@ -92,6 +92,22 @@ def bench_writer(directory: Path, rows: int, outputs: int, n_batches: int, round
             "writable_ratio": round(c_mb / t_mb, 2), "create_ms": round(1e3 * min(create_s), 1)}
 
 
+def bench_disk(directory: Path, megabytes: int) -> float:
+    """MB/s the disk sustains: ``megabytes`` written and fsync'd (the page cache hides the disk for
+    a few seconds of writing, then the kernel throttles writers to it)."""
+    block = np.zeros(2**20, np.uint8)
+    path = directory / "disk.bin"
+    started = time.perf_counter()
+    with open(path, "wb") as fh:
+        for _ in range(megabytes):
+            fh.write(block.data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    elapsed = time.perf_counter() - started
+    path.unlink()
+    return megabytes * 2**20 / elapsed / 1e6
+
+
 # -- device server in a child process -----------------------------------------------------------
 def serve_child(args) -> None:
     from labpnn.rig import Rig
@@ -213,9 +229,11 @@ def main() -> int:
         writer = bench_writer(directory, args.rows, args.outputs, 100 if args.quick else 400, rounds)
         fast = bench_client(directory, args.rows, args.outputs, 0.0, 0.5 if args.quick else 2.0, rounds, 10**9)
         slow = bench_client(directory, args.rows, args.outputs, 0.02, 4.0, 1, 2 if args.quick else 3, apis=("run",))
+        disk = bench_disk(directory, 500 if args.quick else 2000)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    out = {"disk": str(directory.parent), "cpus": os.cpu_count(), "writer": writer, "client": fast + slow,
+    out = {"disk": str(directory.parent), "cpus": os.cpu_count(), "disk_MB_s": round(disk), "writer": writer,
+           "client": fast + slow,
            "note": "latency 0.02 s/row = the built-in test rig standing in for the optical bench"}
     if args.json:
         print(json.dumps(out, indent=2))
@@ -232,6 +250,10 @@ def main() -> int:
         print(f"  {lat:<10} {r['side']:<16} {r['api']:<13} off {r['rows_s_off']:>7} rows/s  "
               f"on {r['rows_s_on']:>7} rows/s  ratio {r['ratio']:.3f}")
     print(f"({out['note']})")
+    fastest = max(r["rows_s_off"] for r in fast) * args.outputs * 4 / 1e6
+    print(f"the disk sustains {disk:.0f} MB/s (written and fsync'd); the zero-cost rig produces up to "
+          f"{fastest:.0f} MB/s of traces, so recording every trace of it for longer than the page cache "
+          f"absorbs runs at most {disk / fastest:.2f} x as fast as not recording")
     print("(figures: best of the rounds; this machine is noisy, +-30 %)" if not args.quick
           else "(quick run: one round each)")
     return 0
