@@ -14,7 +14,9 @@ Modes that answer unmeasured controls are opt-in and say so everywhere:
 carries ``meta["replay"] = mode`` plus ``n_approximate`` / ``max_distance`` / ``source_rows``
 (-1 for twin rows), and rows not answered from an exact record have `FLAG_REPLAY_APPROX` set.
 
-The sessions are loaded into memory (controls, applied, traces, flags). Imports no torch.
+Controls, applied controls and flags are held in memory; traces too up to ``max_memory_bytes``
+(1 GiB), beyond which they stay in the files and each batch reads the rows it needs
+(``describe()["replay"]["traces"]`` says which). Imports no torch.
 """
 from __future__ import annotations
 
@@ -42,11 +44,13 @@ class ReplayRig:
     """Serve one or more recorded sessions (same C and S) as a `PhysicalSystem`.
 
     ``tags`` restricts the records used to rows with those tags (e.g. ``("calibration",)``).
+    Traces larger than ``max_memory_bytes`` in all are read from the files as needed (`close()`
+    closes them).
     """
 
     def __init__(self, paths: str | Path | Sequence[str | Path], *, tolerance: float = 1e-6,
                  mode: str = "exact", twin: Callable[[np.ndarray], np.ndarray] | None = None,
-                 tags: Sequence[str] | None = None):
+                 tags: Sequence[str] | None = None, max_memory_bytes: int = 2**30):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "twin" and twin is None:
@@ -58,11 +62,15 @@ class ReplayRig:
         if not paths:
             raise ValueError("ReplayRig needs at least one session file")
         self.sources = [str(Path(p)) for p in paths]
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("controls", "applied", "traces", "flags")}
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("controls", "applied", "flags")}
         describe: dict[str, Any] | None = None
         shape = None
-        for path in paths:
-            with open_session(path) as reader:
+        self._readers = []
+        kept: list[tuple[Any, np.ndarray]] = []  # (segment, its rows in use)
+        try:
+            for path in paths:
+                reader = open_session(path)
+                self._readers.append(reader)
                 for seg in reader.segments:
                     if shape is None:
                         shape = seg.shape
@@ -70,17 +78,31 @@ class ReplayRig:
                     elif seg.shape != shape:
                         raise ValueError(f"{seg.path}: rows of shape (C, S) = {seg.shape}, but {self.sources[0]} "
                                          f"has {shape}; replay sessions of one shape at a time")
-                    keep = slice(None)
+                    rows = np.arange(seg.n_rows)
                     if tags is not None:
                         names = np.array(seg.tag_names() + [""] * 256, dtype=str)
-                        keep = np.isin(names[seg.read("tag").astype(np.intp)], list(tags))
+                        rows = rows[np.isin(names[seg.read("tag").astype(np.intp)], list(tags))]
                     for key in parts:
-                        parts[key].append(seg.read(key)[keep])
-        assert describe is not None and shape is not None
-        self.n_controls, self.n_outputs = shape
+                        parts[key].append(seg.read(key)[rows])
+                    kept.append((seg, rows))
+            assert describe is not None and shape is not None
+            self.n_controls, self.n_outputs = shape
+            n_rows = sum(rows.size for _, rows in kept)
+            self.traces_in_memory = n_rows * self.n_outputs * 4 <= max_memory_bytes
+            if self.traces_in_memory:
+                self._traces = np.concatenate([seg.read("traces")[rows] for seg, rows in kept])
+                self.close()
+            else:  # where each row's trace lies: segment number and row in it
+                self._traces = None
+                self._segments = [seg for seg, _ in kept]
+                self._src_segment = np.concatenate([np.full(rows.size, k, np.int32)
+                                                    for k, (_, rows) in enumerate(kept)])
+                self._src_row = np.concatenate([rows for _, rows in kept]).astype(np.int64)
+        except BaseException:
+            self.close()
+            raise
         self._controls = np.concatenate(parts["controls"]) + np.float32(0.0)  # -0.0 -> 0.0
         self._applied = np.concatenate(parts["applied"])
-        self._traces = np.concatenate(parts["traces"])
         self._flags = np.concatenate(parts["flags"])
         if self._controls.shape[0] == 0:
             raise ValueError(f"no recorded rows to replay in {', '.join(self.sources)}")
@@ -100,6 +122,7 @@ class ReplayRig:
         self._describe["name"] = f"replay:{describe.get('name', 'session')}"
         self._describe["replay"] = {"mode": mode, "tolerance": self.tolerance, "source": self.sources,
                                     "rows": int(self._controls.shape[0]),
+                                    "traces": "memory" if self.traces_in_memory else "files",
                                     "answers_unmeasured_controls": mode != "exact"}
 
     # -- PhysicalSystem ----------------------------------------------------------------------
@@ -162,7 +185,10 @@ class ReplayRig:
         pass
 
     def close(self) -> None:
-        pass
+        """Close the session files (if the traces are read from them, the rig answers no more)."""
+        for reader in self._readers:
+            reader.close()
+        self._readers = []
 
     def __enter__(self) -> ReplayRig:
         return self
@@ -220,9 +246,19 @@ class ReplayRig:
     def _take(self, rows: np.ndarray, which: np.ndarray, traces, applied, flags) -> None:
         if which.any():
             src = rows[which]
-            traces[which] = self._traces[src]
+            traces[which] = self._traces[src] if self._traces is not None else self._read_traces(src)
             applied[which] = self._applied[src]
             flags[which] = self._flags[src]
+
+    def _read_traces(self, rows: np.ndarray) -> np.ndarray:
+        if not self._readers:
+            raise RuntimeError("this ReplayRig is closed: its traces are in files it no longer has open")
+        out = np.empty((rows.size, self.n_outputs), np.float32)
+        segment = self._src_segment[rows]
+        for k in np.unique(segment):
+            where = np.flatnonzero(segment == k)
+            out[where] = self._segments[k].read_rows("traces", self._src_row[rows[where]])
+        return out
 
     def _refuse(self, batch: np.ndarray, missing: np.ndarray) -> None:
         row = int(missing[0])

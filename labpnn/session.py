@@ -1541,6 +1541,17 @@ class Segment:
             ds.read_direct(out, source_sel=np.s_[start:stop])
         return out
 
+    def read_rows(self, name: str, rows: Any) -> np.ndarray:
+        """The rows at indices ``rows`` (any order, repeats allowed), read from the file."""
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        ds = self.ds[name]
+        if rows.size == 0:
+            return np.empty((0, *ds.shape[1:]), ds.dtype)
+        wanted, inverse = np.unique(rows, return_inverse=True)
+        if wanted[0] < 0 or wanted[-1] >= self.n_rows:
+            raise IndexError(f"{self.path}: rows outside [0, {self.n_rows})")
+        return ds[wanted][inverse]  # h5py reads increasing, unique indices
+
     def tag_names(self) -> list[str]:
         return [_decode(t) for t in self.tag_ds[()]]
 

@@ -534,6 +534,9 @@ def cli_replay(parser):
     parser.add_argument("--tolerance", type=float, default=1e-6,
                         help="max-abs difference per channel for controls to match a record (default 1e-6)")
     parser.add_argument("--tags", nargs="+", help="replay only rows with these tags")
+    parser.add_argument("--max-memory-mb", type=float, default=1024,
+                        help="hold traces in memory up to this size; beyond it read them from the files "
+                             "as batches ask (default 1024)")
     parser.add_argument("--insecure", action="store_true", help="allow a non-loopback address without CURVE")
 
     def handler(args) -> int:
@@ -543,7 +546,8 @@ def cli_replay(parser):
         from labpnn.replay import ReplayRig
 
         try:
-            rig = ReplayRig(args.sessions, tolerance=args.tolerance, mode=args.mode, tags=args.tags)
+            rig = ReplayRig(args.sessions, tolerance=args.tolerance, mode=args.mode, tags=args.tags,
+                            max_memory_bytes=int(args.max_memory_mb * 2**20))
         except (FileNotFoundError, ValueError) as exc:
             print(f"labpnn replay: {exc}", file=sys.stderr)
             return 2
@@ -558,7 +562,8 @@ def cli_replay(parser):
         info = rig.describe()["replay"]
         note = "" if args.mode == "exact" else " — ANSWERS UNMEASURED CONTROLS (nearest record), labelled in replies"
         print(f"labpnn replay: serving {info['rows']} recorded rows of {', '.join(args.sessions)} on "
-              f"{server.address} (mode {args.mode}, tolerance {args.tolerance:g}){note}", flush=True)
+              f"{server.address} (mode {args.mode}, tolerance {args.tolerance:g}, traces in {info['traces']})"
+              f"{note}", flush=True)
         stop = threading.Event()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -569,6 +574,7 @@ def cli_replay(parser):
             pass
         finally:
             server.stop()
+            rig.close()
             print(f"labpnn replay: stopped after answering {rig.rows_answered} rows", flush=True)
         return 0
 

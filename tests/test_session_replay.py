@@ -106,6 +106,30 @@ def _write_csv(path, array, header=None):
     np.savetxt(path, array, delimiter=",", header=",".join(header) if header else "", comments="")
 
 
+def test_traces_beyond_the_memory_limit_are_read_from_the_files(recorded, tmp_path):
+    other = tmp_path / "other.h5"
+    import shutil
+
+    shutil.copy(recorded, other)
+    kwargs = {"tags": ["calibration", "train"], "mode": "nearest"}
+    in_memory = ReplayRig([recorded, other], **kwargs)
+    from_files = ReplayRig([recorded, other], max_memory_bytes=0, **kwargs)
+    assert in_memory.describe()["replay"]["traces"] == "memory"
+    assert from_files.describe()["replay"]["traces"] == "files"
+    with open_session(recorded) as r:
+        controls = r.controls
+    rng = np.random.default_rng(2)
+    for _ in range(4):  # any order, repeats (each answered in turn), and rows between records
+        x = controls[rng.integers(0, controls.shape[0], 9)]
+        x[0] = np.clip(x[0] + 0.003, 0, 1)
+        a, b = in_memory.measure(x), from_files.measure(x)
+        np.testing.assert_array_equal(a.traces, b.traces)
+        assert a.meta == b.meta
+    from_files.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        from_files.run(controls[:1])
+
+
 def test_import_csv_then_replay(tmp_path):
     rng = np.random.default_rng(7)
     x = rng.random((30, 4))
