@@ -15,6 +15,7 @@ method once per repeat, in turn) and the table shows medians over repeats.
 
     python scripts/bench_server.py            # ~1-2 minutes
     python scripts/bench_server.py --quick    # ~20 s
+    python scripts/bench_server.py --steps    # 64x2048 throughput: the floor plus labpnn's work, step by step
 """
 from __future__ import annotations
 
@@ -48,11 +49,26 @@ def _reply_header(rid: str, rows: int, s: int) -> bytes:
                                     {"name": "flags", "dtype": "uint32", "shape": [rows]}]})
 
 
-def _serve_floor(s: int) -> None:
+#: what labpnn must do per request on top of the floor, added one step at a time (``--steps``)
+STEPS = ("floor", "+ request validated (pydantic, arrays checked)", "+ Rig.measure (validation, timestamps)",
+         "+ reply encoded (codec)", "+ reply cached (retries)", "+ reply validated by the client (codec)",
+         "labpnn DeviceServer + RigClient")
+
+
+def _serve_floor(s: int, step: int = 0) -> None:
     """(e): parse the header, wrap the controls, answer with zero traces: nothing a real server
-    could leave out."""
+    could leave out. ``step`` > 0 adds labpnn's own work, step by step (`STEPS`)."""
+    import collections
+
     import orjson
 
+    from labpnn.protocols.codec import decode_request, encode_reply
+    from labpnn.rig import Rig
+    from labpnn.sim_instruments.test_rig import SimTestRig
+
+    sim = SimTestRig(C, s, zero_cost=True)
+    rig = Rig([sim], [sim]).connect()
+    cache: collections.OrderedDict = collections.OrderedDict()
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.bind("tcp://127.0.0.1:*")
@@ -60,16 +76,31 @@ def _serve_floor(s: int) -> None:
     zeros: dict[int, np.ndarray] = {}
     while True:
         frames = sock.recv_multipart(copy=False)
-        header = orjson.loads(frames[2].bytes)
-        if header.get("op") == "stop":
-            return
-        x = np.frombuffer(frames[3].buffer, np.float32).reshape(header["arrays"][0]["shape"])
+        if step >= 1:
+            request, arrays = decode_request(frames[1:])
+            rid, x = request.id, arrays["controls"]
+        else:
+            header = orjson.loads(frames[2].bytes)
+            rid, x = header["id"], np.frombuffer(frames[3].buffer, np.float32).reshape(header["arrays"][0]["shape"])
         rows = x.shape[0]
-        traces = zeros.get(rows)
-        if traces is None:
-            traces = zeros[rows] = np.zeros((rows, s), np.float32)
-        sock.send_multipart([frames[0], b"LPNN1", _reply_header(header["id"], rows, s), traces.data, x.data,
-                             np.full(rows, time.time()).data, np.zeros(rows, np.uint32).data], copy=False)
+        if step >= 2:
+            m = rig.measure(x)
+            traces, applied, stamps, flags = m.traces, m.applied, m.timestamps, m.flags
+        else:
+            traces = zeros.get(rows)
+            if traces is None:
+                traces = zeros[rows] = np.zeros((rows, s), np.float32)
+            applied, stamps, flags = x, np.full(rows, time.time()), np.zeros(rows, np.uint32)
+        if step >= 3:
+            reply = encode_reply(rid, result={"n_rows": rows, "n_done": rows, "batch": 0, "busy_s": 0.0},
+                                 arrays={"traces": traces, "applied": applied, "timestamps": stamps, "flags": flags})
+        else:
+            reply = [b"LPNN1", _reply_header(rid, rows, s), traces.data, applied.data, stamps.data, flags.data]
+        sock.send_multipart([frames[0], *reply], copy=False)
+        if step >= 4:
+            cache[rid] = reply
+            while len(cache) > 64:
+                cache.popitem(last=False)
 
 
 def _serve_echo() -> None:
@@ -181,9 +212,11 @@ class RawClient:
 
 
 class FloorClient:
-    """(e): encode the header, receive, parse it, wrap the arrays; nothing else."""
+    """(e): encode the header, receive, parse it, wrap the arrays; nothing else (``codec``: decode
+    the reply with labpnn's codec instead)."""
 
-    def __init__(self, address):
+    def __init__(self, address, codec: bool = False):
+        self.codec = codec
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -202,6 +235,10 @@ class FloorClient:
         import orjson
 
         frames = self.sock.recv_multipart(copy=False)
+        if self.codec:
+            from labpnn.protocols.codec import decode_reply
+
+            return decode_reply(frames)
         header = orjson.loads(frames[1].bytes)
         return [np.frombuffer(f.buffer, np.dtype(spec["dtype"])).reshape(spec["shape"])
                 for spec, f in zip(header["arrays"], frames[2:], strict=True)]
@@ -260,23 +297,67 @@ class LabpnnBench:
         return n / (time.perf_counter() - start)
 
 
+def steps(repeats: int, seconds: float) -> int:
+    """The floor, then labpnn's work added one step at a time, then labpnn itself: 64x2048
+    throughput, interleaved repeats, medians, as fractions of the raw echo and of the floor."""
+    rows, s = 64, 2048
+    procs, runners = [], {}
+    try:
+        proc, addr = _spawn("echo")
+        procs.append(proc)
+        echo = RawClient(addr)
+        for step in range(5):
+            proc, addr = _spawn("floor", str(s), str(step))
+            procs.append(proc)
+            runners[step] = FloorClient(addr)
+        runners[5] = FloorClient(addr, codec=True)  # the last floor server, the codec's client
+        proc, addr = _spawn("labpnn", str(s))
+        procs.append(proc)
+        runners[6] = LabpnnBench(addr)
+        rates: dict[int, list[float]] = {k: [] for k in (-1, *runners)}
+        for rep in range(repeats):
+            rates[-1].append(echo.throughput(rows, seconds))
+            for step, runner in runners.items():
+                rates[step].append(runner.throughput(rows, seconds))
+            print(f"repeat {rep + 1}/{repeats} done", file=sys.stderr)
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        print(f"\n{rows} x {s} throughput, {IN_FLIGHT} in flight, {repeats} interleaved repeats x {seconds:g} s, medians\n")
+        print(f"{'':52} {'batches/s':>10} {'/echo':>7} {'/floor':>7}")
+        print(f"{'raw pyzmq echo':52} {med[-1]:>10.0f} {1:>7.2f} {med[-1] / med[0]:>7.2f}")
+        for step, name in enumerate(STEPS):
+            print(f"{name:52} {med[step]:>10.0f} {med[step] / med[-1]:>7.2f} {med[step] / med[0]:>7.2f}")
+        runners[6].client.close()
+    finally:
+        for proc in procs:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short run (3 repeats x 0.2 s)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--seconds", type=float, default=None, help="seconds per measurement")
+    parser.add_argument("--steps", action="store_true",
+                        help="64x2048 throughput of the Python floor with labpnn's work added step by step")
     parser.add_argument("--serve", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve is not None:
         if args.serve[0] == "echo":
             _serve_echo()
         elif args.serve[0] == "floor":
-            _serve_floor(int(args.serve[1]))
+            _serve_floor(int(args.serve[1]), int(args.serve[2]) if len(args.serve) > 2 else 0)
         else:
             _serve_labpnn(int(args.serve[1]), args.serve[2] if len(args.serve) > 2 else None)
         return 0
     repeats = args.repeats or (3 if args.quick else 7)
     seconds = args.seconds or (0.2 if args.quick else 0.5)
+    if args.steps:
+        return steps(repeats, seconds)
 
     tmp = tempfile.TemporaryDirectory()
     keys = Path(tmp.name)
