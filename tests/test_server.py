@@ -388,21 +388,28 @@ def test_progress_keeps_a_long_run_alive(make_server, make_client):
 
 
 # -- live stream and monitor --------------------------------------------------------------------------
-def test_monitor_reports_batches_rates_and_no_gaps(make_server, make_client, capsys):
+def _monitor_while_running(server, client, *, rows, count, **monitor_kwargs):
+    """`monitor` the server's stream for ``count`` batches while ``client`` runs batches of ``rows``."""
     from labpnn.monitor import monitor
+
+    summary = {}
+    thread = threading.Thread(target=lambda: summary.update(monitor(
+        server.publish_address, count=count, seconds=10, interval_s=0.2, **monitor_kwargs)))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while thread.is_alive() and time.monotonic() < deadline:
+        client.run(controls(rows))
+        time.sleep(0.02)
+    thread.join(5)
+    return summary
+
+
+def test_monitor_reports_batches_rates_and_no_gaps(make_server, make_client, capsys):
 
     server = make_server(publish_traces=True)
     client = make_client(server)
     client.lock()
-    summary = {}
-    thread = threading.Thread(target=lambda: summary.update(monitor(server.publish_address, count=5,
-                                                                    seconds=10, interval_s=0.2)))
-    thread.start()
-    deadline = time.monotonic() + 10
-    while thread.is_alive() and time.monotonic() < deadline:
-        client.run(controls(4))
-        time.sleep(0.02)
-    thread.join(5)
+    summary = _monitor_while_running(server, client, rows=4, count=5)
     assert summary["batches"] == 5 and summary["rows"] == 20 and summary["gaps"] == 0
     assert summary["min"] <= summary["mean"] <= summary["max"]
     out = capsys.readouterr().out
@@ -465,7 +472,6 @@ def test_allow_list_changes_apply_to_new_connections_without_a_restart(make_serv
 def test_live_stream_with_curve_reaches_allowed_subscribers_only(make_server, make_client, curve_keys):
     import zmq
 
-    from labpnn.monitor import monitor
 
     server = make_server(curve_keys=curve_keys)
     keys = {"server_public_key": curve_keys / "server.key", "client_keys": curve_keys / "alice.key_secret"}
@@ -476,15 +482,7 @@ def test_live_stream_with_curve_reaches_allowed_subscribers_only(make_server, ma
     plain.setsockopt(zmq.LINGER, 0)
     plain.setsockopt(zmq.SUBSCRIBE, b"")
     plain.connect(server.publish_address)
-    summary = {}
-    thread = threading.Thread(target=lambda: summary.update(monitor(
-        server.publish_address, count=3, seconds=10, interval_s=0.2, out=lambda line: None, **keys)))
-    thread.start()
-    deadline = time.monotonic() + 10
-    while thread.is_alive() and time.monotonic() < deadline:
-        client.run(controls(2))
-        time.sleep(0.02)
-    thread.join(5)
+    summary = _monitor_while_running(server, client, rows=2, count=3, out=lambda line: None, **keys)
     assert summary["batches"] == 3 and summary["gaps"] == 0
     assert not plain.poll(300)  # a subscriber without CURVE never completes the handshake
     plain.close()
