@@ -489,7 +489,7 @@ def train(system: PhysicalSystem, dataset: Dataset | str | Path = "vowels", *, m
               accuracy=test_acc, passes=dict(counter.passes))
         if report_dir is not None:
             write_report(result, report_dir, traces=capture.first, twin=base_twin, class_names=ds.class_names,
-                         provenance_seeds={"train": seed, "split": ds.seed})
+                         provenance_seeds={"train": seed, "split": ds.seed}, axis=counter.describe().get("axis"))
         return result
     finally:
         if writer is not None:
@@ -609,8 +609,9 @@ def load_network(path: str | Path) -> PhysicalNetwork:
 
 # -- report -------------------------------------------------------------------------------------------
 def write_report(result: TrainResult, directory: str | Path, *, traces: Measurement | None = None, twin=None,
-                 class_names=None, provenance_seeds=None) -> Path:
-    """``report.json`` and PNGs (learning curves, confusion matrix, twin vs measured traces)."""
+                 class_names=None, provenance_seeds=None, axis: Mapping[str, Any] | None = None) -> Path:
+    """``report.json`` and PNGs (learning curves, confusion matrix, twin vs measured traces, drawn
+    over the rig's output ``axis`` when given)."""
     from labpnn.session import provenance
 
     out = Path(directory)
@@ -623,7 +624,7 @@ def write_report(result: TrainResult, directory: str | Path, *, traces: Measurem
     summary["files"]["confusion"] = _plot_confusion(np.asarray(result.confusion), class_names, result,
                                                     out / "confusion.png")
     if traces is not None and twin is not None:
-        summary["files"]["traces"] = _plot_traces(traces, twin, out / "twin_vs_measured.png")
+        summary["files"]["traces"] = _plot_traces(traces, twin, out / "twin_vs_measured.png", axis=axis)
     (out / "report.json").write_text(json.dumps(_jsonable(summary), indent=2))
     return out / "report.json"
 
@@ -679,18 +680,25 @@ def _plot_confusion(cm: np.ndarray, class_names, result: TrainResult, path: Path
     return path.name
 
 
-def _plot_traces(m: Measurement, twin, path: Path, n: int = 4) -> str:
+def _plot_traces(m: Measurement, twin, path: Path, n: int = 4, axis: Mapping[str, Any] | None = None) -> str:
     plt = _plt()
     n = min(n, m.n_done)
     with torch.no_grad():
         pred = twin(torch.tensor(np.asarray(m.applied[:n], np.float32))).numpy()
+    x, xlabel = np.arange(m.traces.shape[1]), "output pixel"
+    values = np.asarray((axis or {}).get("values", []), np.float64)
+    if values.shape == x.shape:
+        name, unit = axis.get("name", "output"), axis.get("unit", "")
+        x, xlabel = (values * 1e9, f"{name} (nm)") if unit == "m" else (
+            values, f"{name} ({unit})" if unit not in ("", "1") else name)
     fig, axes = plt.subplots(n, 1, figsize=(8, 1.8 * n + 0.5), sharex=True, squeeze=False)
     for k in range(n):
         ax = axes[k, 0]
-        ax.plot(m.traces[k], lw=1, label="measured")
-        ax.plot(pred[k], lw=1, ls="--", label="twin")
+        ax.plot(x, m.traces[k], lw=1, label="measured")
+        ax.plot(x, pred[k], lw=1, ls="--", label="twin")
+        ax.set_ylabel("signal (sensor units)", fontsize=8)  # the OSA reports W
     axes[0, 0].legend(fontsize=8)
-    axes[-1, 0].set_xlabel("output pixel")
+    axes[-1, 0].set_xlabel(xlabel)
     fig.suptitle("first physical layer, test samples: twin vs measured")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
