@@ -715,7 +715,7 @@ class DeviceServer:
         return True
 
     def _note_row_time(self, elapsed: float, rows: int) -> None:
-        per_row = elapsed / max(rows, 1)
+        per_row = elapsed / rows
         previous = self._row_s
         self._row_s = per_row if previous is None or per_row > previous else 0.9 * previous + 0.1 * per_row
 
@@ -766,11 +766,13 @@ class DeviceServer:
             m = self._sys.measure(job.controls, job.abort, job.set_done)
         except Exception as exc:
             return self._failed(job, exc)
-        self._note_row_time(time.perf_counter() - started, job.total or 1)
+        elapsed = time.perf_counter() - started
         batch = next(self._batch_counter)
         traces = np.asarray(m.traces, np.float32)
         flags = np.asarray(m.flags, np.uint32)
         n_done = int(traces.shape[0])
+        if n_done:  # the pace of rows that were measured (a batch failing at once tells nothing)
+            self._note_row_time(elapsed, n_done)
         result = {"n_rows": job.total, "n_done": n_done, "batch": batch, "busy_s": float(m.busy_s)}
         if m.meta:  # e.g. {"replay": "nearest"}: labels that must reach the caller
             result["meta"] = m.meta

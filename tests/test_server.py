@@ -311,6 +311,20 @@ def test_row_time_estimate_rises_at_once_and_decays_slowly():
     assert server._row_s == pytest.approx(0.045)
 
 
+def test_a_batch_that_fails_at_once_does_not_make_the_rig_look_quick(make_server, make_client):
+    from labpnn.rig import Rig
+    from labpnn.sim_instruments.test_rig import SimTestRig
+
+    sim = SimTestRig(16, 64, latency_s=0.02)
+    flaky = FlakySensor(sim, (0,))  # the first acquisition fails
+    server = make_server(Rig([sim], [flaky]).connect())
+    client = make_client(server)
+    assert isinstance(client.measure(controls(20)).error, InstrumentFailure)
+    assert server._row_s is None  # no row was measured: the pace is still unknown
+    client.run(controls(2))
+    assert server._row_s >= 0.02
+
+
 def test_abort_cancels_queued_batches(make_server, make_client):
     server = make_server(rig={"latency_s": 0.03})
     client = make_client(server)
