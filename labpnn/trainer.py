@@ -67,6 +67,7 @@ from labpnn.contract import Measurement, PhysicalSystem, measure_of
 from labpnn.datasets import Dataset, load_dataset, logistic_baseline
 from labpnn.network import PhysicalNetwork, build_network, network_from_state
 from labpnn.pat import LiveTwin, PATForward, PhysicsForward, TwinForward
+from labpnn.twin import jsonable
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +324,7 @@ def train(system: PhysicalSystem, dataset: Dataset | str | Path = "vowels", *, m
         Path(session).parent.mkdir(parents=True, exist_ok=True)
         writer = SessionWriter(session, system.describe(),
                                provenance={**provenance(seeds={"train": seed, "split": ds.seed}),
-                                           "training": _jsonable(asdict(settings)), "dataset": ds.summary()})
+                                           "training": jsonable(asdict(settings)), "dataset": ds.summary()})
         recorder = RecordingSystem(system, writer, tag="train")
         base = recorder
     fitter_box: list[Any] = []
@@ -333,11 +334,11 @@ def train(system: PhysicalSystem, dataset: Dataset | str | Path = "vowels", *, m
     events: list[dict[str, Any]] = []
 
     def event(kind: str, message: str, **data: Any) -> None:
-        events.append({"time": time.time(), "kind": kind, "message": message, **_jsonable(data)})
+        events.append({"time": time.time(), "kind": kind, "message": message, **jsonable(data)})
         log.info("%s: %s", kind, message)
         if writer is not None:
             with contextlib.suppress(Exception):
-                writer.event(kind, message, **_jsonable(data))
+                writer.event(kind, message, **jsonable(data))
 
     try:
         # network (built before the twin: its initial controls steer the calibration) ----------
@@ -478,7 +479,7 @@ def train(system: PhysicalSystem, dataset: Dataset | str | Path = "vowels", *, m
         result = TrainResult(
             network=net, test_accuracy=test_acc, val_accuracy=float(best["acc"]), best_epoch=int(best["epoch"]),
             passes=dict(counter.passes), passes_to_target=passes_to_target, history=history,
-            settings=_jsonable(asdict(settings)), dataset=ds.summary(), confusion=cm.tolist(),
+            settings=jsonable(asdict(settings)), dataset=ds.summary(), confusion=cm.tolist(),
             twin_test_accuracy=twin_acc, digital_baseline=logistic_baseline(ds),
             duty_cycle=({**duty, "duty_cycle": duty["busy_s"] / duty["wall_s"] if duty["wall_s"] else None}
                         if settings.method == "pat" else None),
@@ -595,7 +596,7 @@ def _save_checkpoint(path, net, opt, epoch, history, best, passes_to_target, gen
     payload = {"format": CHECKPOINT_FORMAT, "epoch": epoch, "network": net.state_dict(),
                "network_config": net.config, "optimizer": opt.state_dict(), "history": history, "best": best,
                "passes_to_target": passes_to_target, "generator": gen.get_state(), "passes": dict(counter.passes),
-               "duty": duty, "settings": _jsonable(asdict(settings)), "dataset": ds.summary()}
+               "duty": duty, "settings": jsonable(asdict(settings)), "dataset": ds.summary()}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
@@ -625,7 +626,7 @@ def write_report(result: TrainResult, directory: str | Path, *, traces: Measurem
                                                     out / "confusion.png")
     if traces is not None and twin is not None:
         summary["files"]["traces"] = _plot_traces(traces, twin, out / "twin_vs_measured.png", axis=axis)
-    (out / "report.json").write_text(json.dumps(_jsonable(summary), indent=2))
+    (out / "report.json").write_text(json.dumps(jsonable(summary), indent=2))
     return out / "report.json"
 
 
@@ -656,9 +657,13 @@ def _plot_curves(result: TrainResult, path: Path) -> str:
     a1.set_ylabel("cross-entropy")
     a2.set_ylabel("accuracy")
     fig.suptitle(f"{result.settings['method']}, {result.network.name}: test {result.test_accuracy:.3f} on the physics")
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig, path: Path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _plt().close(fig)
     return path.name
 
 
@@ -674,10 +679,7 @@ def _plot_confusion(cm: np.ndarray, class_names, result: TrainResult, path: Path
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"{result.settings['method']}: test on the physics {result.test_accuracy:.3f}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
+    return _save_figure(fig, path)
 
 
 def _plot_traces(m: Measurement, twin, path: Path, n: int = 4, axis: Mapping[str, Any] | None = None) -> str:
@@ -700,25 +702,7 @@ def _plot_traces(m: Measurement, twin, path: Path, n: int = 4, axis: Mapping[str
     axes[0, 0].legend(fontsize=8)
     axes[-1, 0].set_xlabel(xlabel)
     fig.suptitle("first physical layer, test samples: twin vs measured")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
-
-
-def _jsonable(obj: Any) -> Any:
-    def default(o: Any) -> Any:
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        if isinstance(o, torch.Tensor):
-            return o.detach().cpu().tolist()
-        if isinstance(o, Path):
-            return str(o)
-        return repr(o)
-
-    return json.loads(json.dumps(obj, default=default))
+    return _save_figure(fig, path)
 
 
 # -- command line -------------------------------------------------------------------------------------

@@ -192,7 +192,7 @@ class Twin(nn.Module):
         self.core_spec = dict(core_spec)
         self.register_buffer("out_mean", torch.zeros(self.n_outputs))
         self.register_buffer("out_std", torch.ones(self.n_outputs))
-        self.meta: dict[str, Any] = _jsonable(dict(meta or {}))
+        self.meta: dict[str, Any] = jsonable(dict(meta or {}))
 
     # -- normalisation --------------------------------------------------------------------
     @torch.no_grad()
@@ -265,8 +265,8 @@ def save_twin(twin: Twin, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().clone() for k, v in twin.state_dict().items()}
-    payload = {"format": FORMAT, "config": _jsonable(twin.config()), "state": state,
-               "meta": _jsonable(twin.meta)}
+    payload = {"format": FORMAT, "config": jsonable(twin.config()), "state": state,
+               "meta": jsonable(twin.meta)}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
@@ -346,7 +346,7 @@ class FitReport:
     history: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
     def summary(self) -> str:
         def f(x: float | None, spec: str = ".4g") -> str:
@@ -652,7 +652,7 @@ def fit_twin(
         noise_model=noise_model,
         settings=settings, data=list(data or []), history=run["history"],
     )
-    twin.meta = _jsonable({**dict(meta or {}), "data": report.data, "settings": settings,
+    twin.meta = jsonable({**dict(meta or {}), "data": report.data, "settings": settings,
                            "fit": {k: v for k, v in report.to_dict().items()
                                    if k not in ("history", "settings", "data")},
                            "split": {"train": _ranges(train_idx), "val": _ranges(val_idx),
@@ -778,8 +778,9 @@ def _ranges(idx: Any) -> list[list[int]]:
     return [[int(a), int(b)] for a, b in zip(starts, stops)]
 
 
-def _jsonable(obj: Any) -> Any:
-    """Plain Python containers/scalars only (what ``torch.load(weights_only=True)`` accepts)."""
+def jsonable(obj: Any) -> Any:
+    """Plain Python containers/scalars only (what JSON and ``torch.load(weights_only=True)`` accept);
+    numpy values and tensors become lists and numbers, paths and devices strings."""
     def default(o: Any) -> Any:
         if isinstance(o, np.generic):
             return o.item()

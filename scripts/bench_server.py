@@ -175,6 +175,8 @@ def bench_inprocess(rows, s, seconds):
 
 
 class RawClient:
+    """(b): the same request bytes out, the reply bytes back, nothing decoded."""
+
     def __init__(self, address):
         from labpnn.protocols.codec import encode_request
 
@@ -185,47 +187,49 @@ class RawClient:
         self.requests = {rows: encode_request("run", {}, {"controls": np.random.default_rng(0).random(
             (rows, C), np.float32)}, id="x", token="t") for rows, _ in SIZES}
 
-    def lockstep(self, rows, seconds):
-        frames = self.requests[rows]
+    def _send(self, rows):
+        self.sock.send_multipart(self.requests[rows], copy=False)
 
+    def _recv(self):
+        return self.sock.recv_multipart(copy=False)
+
+    def lockstep(self, rows, seconds):
         def once():
-            self.sock.send_multipart(frames, copy=False)
-            self.sock.recv_multipart(copy=False)
+            self._send(rows)
+            self._recv()
         return _timed(once, seconds)[1]
 
     def throughput(self, rows, seconds):
-        frames = self.requests[rows]
         for _ in range(IN_FLIGHT):
-            self.sock.send_multipart(frames, copy=False)
+            self._send(rows)
         n = 0
         start = time.perf_counter()
         end = start + seconds
         while True:
-            self.sock.recv_multipart(copy=False)
+            self._recv()
             n += 1
             if time.perf_counter() >= end:
                 break
-            self.sock.send_multipart(frames, copy=False)
+            self._send(rows)
         for _ in range(IN_FLIGHT - 1):
-            self.sock.recv_multipart(copy=False)
+            self._recv()
         return n / (time.perf_counter() - start)
 
 
-class FloorClient:
+class FloorClient(RawClient):
     """(e): encode the header, receive, parse it, wrap the arrays; nothing else (``codec``: decode
     the reply with labpnn's codec instead)."""
 
     def __init__(self, address, codec: bool = False):
+        super().__init__(address)
         self.codec = codec
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(address)
+        self.controls = {rows: np.random.default_rng(0).random((rows, C), np.float32) for rows, _ in SIZES}
         self.n = 0
 
-    def _send(self, x):
+    def _send(self, rows):
         import orjson
 
+        x = self.controls[rows]
         self.n += 1
         self.sock.send_multipart([b"LPNN1", orjson.dumps({
             "id": f"f-{self.n}", "op": "run", "token": "t", "args": {},
@@ -242,31 +246,6 @@ class FloorClient:
         header = orjson.loads(frames[1].bytes)
         return [np.frombuffer(f.buffer, np.dtype(spec["dtype"])).reshape(spec["shape"])
                 for spec, f in zip(header["arrays"], frames[2:], strict=True)]
-
-    def lockstep(self, rows, seconds):
-        x = np.random.default_rng(0).random((rows, C), np.float32)
-
-        def once():
-            self._send(x)
-            self._recv()
-        return _timed(once, seconds)[1]
-
-    def throughput(self, rows, seconds):
-        x = np.random.default_rng(0).random((rows, C), np.float32)
-        for _ in range(IN_FLIGHT):
-            self._send(x)
-        n = 0
-        start = time.perf_counter()
-        end = start + seconds
-        while True:
-            self._recv()
-            n += 1
-            if time.perf_counter() >= end:
-                break
-            self._send(x)
-        for _ in range(IN_FLIGHT - 1):
-            self._recv()
-        return n / (time.perf_counter() - start)
 
 
 class LabpnnBench:
