@@ -10,6 +10,7 @@ handshake into `AuthFailed` at once instead of a silent timeout.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import os
@@ -88,7 +89,9 @@ class RigClient:
             if client_keys is not None:
                 security.load_key_pair(client_keys)
         self._ctx = zmq.Context()
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # taken through _socket(), so that a waiting thread steps aside
+        self._wanting = 0  # threads blocked on _lock right now (guarded by _wanting_lock)
+        self._wanting_lock = threading.Lock()
         self._prefix = secrets.token_hex(4)
         self._counter = itertools.count()
         self._inflight: dict[str, _Pending] = {}
@@ -173,7 +176,7 @@ class RigClient:
 
     def _forget(self, rids: Iterable[str]) -> None:
         """Drop the replies of requests still in flight (they are discarded when they come)."""
-        with self._lock:
+        with self._socket():
             for rid in rids:
                 if self._inflight.pop(rid, None) is not None:
                     self._discard.add(rid)
@@ -242,7 +245,7 @@ class RigClient:
                 log.debug("unlock on close failed: %s", exc)
             finally:
                 self.timeout_s, self.retries = saved
-        with self._lock:
+        with self._socket():
             self._closed = True
             self._close_socket()
             self._ctx.term()
@@ -329,7 +332,7 @@ class RigClient:
         frames = encode_request(op, args, arrays, id=rid, token=self.token)
         if len(frames[1]) > MAX_HEADER_BYTES:
             raise TooLarge(f"request header is {len(frames[1])} bytes, more than {MAX_HEADER_BYTES}")
-        with self._lock:
+        with self._socket():
             if self._closed:
                 raise RuntimeError("client is closed")
             self._ensure_socket()
@@ -340,7 +343,7 @@ class RigClient:
 
     def _wait(self, rid: str) -> tuple[Any, dict]:
         while True:
-            with self._lock:
+            with self._socket():
                 got = self._mailbox.pop(rid, None)
                 if got is not None:
                     return got
@@ -358,6 +361,25 @@ class RigClient:
                     self._timed_out(rid, pending, now)
                     continue
                 self._pump(min(pending.deadline - now, _POLL_SLICE_S))
+            if self._wanting:  # another thread wants the socket (an abort, a status): let it in first
+                time.sleep(0.001)
+
+    @contextlib.contextmanager
+    def _socket(self):
+        """The lock around the socket and the request tables. A thread waiting for a reply holds it
+        while it listens and then takes it again at once; Python's locks are not fair, so it steps
+        aside (`_wait`) whenever another thread is blocked here."""
+        with self._wanting_lock:
+            self._wanting += 1
+        try:
+            self._lock.acquire()
+        finally:
+            with self._wanting_lock:
+                self._wanting -= 1
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def _timed_out(self, rid: str, pending: _Pending, now: float) -> None:
         if pending.attempts > self.retries:

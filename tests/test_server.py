@@ -283,9 +283,7 @@ def test_quick_batches_run_in_the_socket_thread_and_slow_ones_on_the_worker(make
     thread = threading.Thread(target=lambda: out.setdefault("m", client.measure(controls(40))))
     thread.start()
     time.sleep(0.3)
-    started = time.perf_counter()
-    client.ping()
-    assert time.perf_counter() - started < 0.2
+    assert client.ping() > 0 and client.status()["state"] == "running"  # answered while the batch runs
     assert client.abort()["running"] is True
     thread.join(5)
     assert isinstance(out["m"].error, Aborted) and 0 < out["m"].n_done < 40
