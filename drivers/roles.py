@@ -28,6 +28,15 @@ class InstrumentError(RuntimeError):
     """An instrument failed or refused a command (vanished, timed out, reported an error)."""
 
 
+class BatchFailed(InstrumentError):
+    """A `BatchInstrument` failed part-way through a batch: rows ``[0, len(traces))`` were measured
+    and are kept (traces float32[n_done, S], flags uint32[n_done]); the rest never ran."""
+
+    def __init__(self, message: str, traces: np.ndarray, flags: np.ndarray):
+        super().__init__(message)
+        self.traces, self.flags = traces, flags
+
+
 @runtime_checkable
 class Instrument(Protocol):
     name: str
@@ -83,4 +92,5 @@ class BatchInstrument(Instrument, Protocol):
     def measure_batch(self, controls: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """Apply and acquire every row of ``controls`` (float32[B, C], already validated):
         (traces float32[B, S], flags uint32[B]). Return None to decline, so the rig goes row by
-        row (e.g. when rows take long enough that an abort between them matters)."""
+        row (e.g. when rows take long enough that an abort between them matters). On a failure
+        after some rows, raise `BatchFailed` carrying the rows done, so they are kept."""

@@ -13,7 +13,10 @@ Latency means the acquisition ends no earlier than ``latency_s`` after ``apply``
 until that deadline), so software cost is never booked as instrument time. ``zero_cost=True`` skips
 the map and the noise entirely and returns a constant trace: a rig with no cost at all, for
 transport benchmarks. Without latency the rig measures a whole batch at once (``measure_batch``,
-vectorised: the same numbers as row by row, the noise drawn in the same order).
+vectorised: the same map and the noise drawn in the same order as row by row). A batched matrix
+product (gemm) and a row product (gemv) need not round alike, nor do two processors' BLAS kernels:
+`rounding_bound` gives how far two float32 evaluations of the map may differ, for tests that compare
+two computations rather than copied bytes.
 
 Imports nothing from the rest of labpnn (sim_instruments stands outside, like a real bench).
 """
@@ -158,6 +161,26 @@ class SimTestRig:
             if self.noise:
                 traces += self.noise * self._noise_rng.standard_normal(traces.shape, np.float32)
         return traces, np.zeros(rows, np.uint32)
+
+    def rounding_bound(self, controls: np.ndarray) -> np.ndarray:
+        """float64[B, S]: how far two float32 evaluations of the map at ``controls`` (same weights, same
+        noise values) may differ, whatever order their kernels sum in. Forward error analysis with
+        ``eps`` = float32 epsilon, doubled because both evaluations err: a sum of n products errs by at
+        most ``n eps (|A| @ |x|)``; tanh (a few ulp; slope <= 1) passes its input's error on; squaring
+        doubles the relative error; adding the noise rounds once more."""
+        eps = float(np.finfo(np.float32).eps)
+        x = np.abs(np.asarray(controls, np.float64))
+        w1, b1 = np.abs(self._w1.astype(np.float64)), np.abs(self._b1.astype(np.float64))
+        w2, b2 = self._w2.astype(np.float64), self._b2.astype(np.float64)
+        hidden = np.tanh(np.asarray(controls, np.float64) @ self._w1 + self._b1)
+        dz = 2 * (self.n_controls + 1) * eps * (x @ w1 + b1)
+        dh = dz + 2 * 4 * eps * np.abs(hidden)
+        u = hidden @ w2 + b2
+        du = dh @ np.abs(w2) + 2 * (self.hidden + 1) * eps * (np.abs(hidden) @ np.abs(w2) + np.abs(b2))
+        y = u**2
+        dy = 2 * np.abs(u) * du + du**2 + 2 * 2 * eps * y
+        noise_add = 2 * eps * (y + 6 * self.noise)  # |noise| < 6 sigma
+        return dy + noise_add
 
     # -- PhysicalSystem ----------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

@@ -21,6 +21,15 @@ def make_test_rig(n_controls: int = 16, n_outputs: int = 64, **kwargs) -> tuple[
     return Rig([sim], [sim], name="testrig").connect(), sim
 
 
+def assert_same_map(got: np.ndarray, want: np.ndarray, sim: SimTestRig, x: np.ndarray) -> None:
+    """Two test-rig computations of the traces at ``x`` agree within float32 rounding
+    (`SimTestRig.rounding_bound`): a batch (gemm) and rows (gemv), or two processors' kernels, need
+    not round alike. Bytes that were only copied are compared exactly instead."""
+    assert got.shape == want.shape, (got.shape, want.shape)
+    excess = np.abs(got.astype(np.float64) - want) - sim.rounding_bound(x[: len(got)])
+    assert (excess <= 0).all(), f"{int((excess > 0).sum())} values differ beyond rounding (worst by {excess.max():.3g})"
+
+
 def controls(rows: int, n_controls: int = 16, seed: int = 0, high: float = 0.9) -> np.ndarray:
     return (np.random.default_rng(seed).random((rows, n_controls)) * high).astype(np.float32)
 

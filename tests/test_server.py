@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_alive, controls, make_test_rig
+from conftest import assert_alive, assert_same_map, controls, make_test_rig
 
 from labpnn.client import RigClient
 from labpnn.protocols import codec
@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 # -- round trip ---------------------------------------------------------------------------------------
 def test_round_trip_equals_the_in_process_rig(make_server, make_client):
     server = make_server(rig={"seed": 3, "n_outputs": 128})
-    local, _ = make_test_rig(n_outputs=128, seed=3)
+    local, local_sim = make_test_rig(n_outputs=128, seed=3)
     client = make_client(server)
     desc = client.describe()
     assert desc["n_controls"] == 16 and desc["n_outputs"] == 128 and desc == local.describe()
@@ -42,7 +42,7 @@ def test_round_trip_equals_the_in_process_rig(make_server, make_client):
         x = controls(rows, seed=i)
         m = client.measure(x)
         ref = local.measure(x)
-        np.testing.assert_array_equal(m.traces, ref.traces)
+        assert_same_map(m.traces, ref.traces, local_sim, x)
         np.testing.assert_array_equal(m.applied, ref.applied)
         assert m.traces.dtype == np.float32 and m.timestamps.dtype == np.float64 and m.flags.dtype == np.uint32
         assert m.error is None and m.n_done == rows and m.busy_s >= 0
@@ -52,7 +52,7 @@ def test_round_trip_equals_the_in_process_rig(make_server, make_client):
     batches = [m.meta["batch"] for m in got]
     assert batches == sorted(batches) and len(set(batches)) == 6
     for m, x in zip(got, many, strict=True):
-        np.testing.assert_array_equal(m.traces, local.run(x))
+        assert_same_map(m.traces, local.run(x), local_sim, x)
     status = client.status()
     assert status["rows_done"] == 38 + 24 and status["batches_done"] == 9 and status["state"] == "idle"
     assert status["lock"]["you"] and status["lock"]["holder"] != client.token
@@ -64,7 +64,8 @@ def test_plain_physical_system_is_wrapped(make_server, make_client):
     server = make_server(SimTestRig(16, 32, seed=5))
     client = make_client(server)
     x = controls(3)
-    np.testing.assert_array_equal(client.run(x), SimTestRig(16, 32, seed=5).run(x))
+    local = SimTestRig(16, 32, seed=5)
+    assert_same_map(client.run(x), local.run(x), local, x)
     with pytest.raises(LabpnnError, match="NaN"):
         client.run(np.full((1, 16), np.nan, np.float32))
     assert client.status()["busy_s"] > 0
@@ -230,7 +231,7 @@ def test_evicted_reply_is_refused_not_rerun(make_server, raw_peer):
 # -- abort, failure, progress ---------------------------------------------------------------------
 def test_abort_mid_batch_returns_the_completed_rows(make_server, make_client):
     server = make_server(rig={"latency_s": 0.03, "seed": 4})
-    local, _ = make_test_rig(seed=4)
+    local, local_sim = make_test_rig(seed=4)
     client = make_client(server)
     x = controls(40)
     client.lock()
@@ -243,7 +244,7 @@ def test_abort_mid_batch_returns_the_completed_rows(make_server, make_client):
     m = out["m"]
     assert isinstance(m.error, Aborted) and 0 < m.n_done < 40
     assert m.traces.shape == (m.n_done, 64) and m.timestamps.shape == (m.n_done,)
-    np.testing.assert_array_equal(m.traces, local.run(x[: m.n_done]))
+    assert_same_map(m.traces, local.run(x[: m.n_done]), local_sim, x)  # rows vs one batch: within rounding
     with pytest.raises(Aborted):
         m.raise_for_error()
     assert client.run(controls(2)).shape == (2, 64)
@@ -270,11 +271,11 @@ class ThreadNotingRig:
 def test_quick_batches_run_in_the_socket_thread_and_slow_ones_on_the_worker(make_server, make_client):
     noting = ThreadNotingRig(make_test_rig(seed=2)[0])
     server = make_server(noting)
-    local, _ = make_test_rig(seed=2)
+    local, local_sim = make_test_rig(seed=2)
     client = make_client(server)
     for i in range(4):
         x = controls(3, seed=i)
-        np.testing.assert_array_equal(client.run(x), local.run(x))
+        assert_same_map(client.run(x), local.run(x), local_sim, x)
     # the first batch measures the rig's pace on the worker; the quick ones after it skip the hand-off
     assert noting.threads == ["labpnn-worker"] + ["labpnn-server"] * 3
     # new settings may slow the rig: the next batch goes to the worker, so ping and abort answer during it
@@ -379,13 +380,13 @@ def test_instrument_failure_mid_batch_returns_completed_rows(make_server, make_c
 
     sim = SimTestRig(16, 64, seed=8)
     server = make_server(Rig([sim], [FlakySensor(sim, (3, 7))]).connect())
-    local, _ = make_test_rig(seed=8)
+    local, local_sim = make_test_rig(seed=8)
     client = make_client(server)
     x = controls(6)
     m = client.measure(x)
     assert isinstance(m.error, InstrumentFailure) and m.n_done == 3
     assert "flaky" in str(m.error) and "detector vanished" in str(m.error)
-    np.testing.assert_array_equal(m.traces, local.run(x[:3]))
+    assert_same_map(m.traces, local.run(x[:3]), local_sim, x)  # rows vs one batch: within rounding
     with pytest.raises(InstrumentFailure):
         client.run(x)  # run() raises; rows are discarded
     assert client.status()["last_error"]["code"] == "INSTRUMENT"

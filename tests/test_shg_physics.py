@@ -221,8 +221,12 @@ def test_drift_advances_per_shot_not_per_second():
     fast = _sequence(SHGBench(OpticalBenchConfig(seed=7)), masks)
     slow = _sequence(SHGBench(OpticalBenchConfig(seed=7)), masks, sleep_s=0.03)
     assert np.array_equal(fast, slow)
-    batched, _ = SHGBench(OpticalBenchConfig(seed=7)).measure_batch(masks)
-    assert np.array_equal(fast, batched)
+    batch_bench = SHGBench(OpticalBenchConfig(seed=7))
+    batched, _ = batch_bench.measure_batch(masks)
+    # another code path (batched FFTs and sums): equal before the ADC up to rounding, so a value on a
+    # rounding edge may land one ADC step away; the noise and drift streams are the same
+    np.testing.assert_allclose(fast, batched, rtol=0, atol=1.01 * batch_bench.watts_per_count)
+    assert np.mean(fast == batched) > 0.99
     bench = SHGBench(OpticalBenchConfig(seed=7))
     state0 = bench.drift_state
     time.sleep(0.02)
