@@ -13,17 +13,17 @@ import sys
 
 #: command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("labpnn.server", "serve a rig (RIG.toml) over ZeroMQ"),
-    "monitor": ("labpnn.monitor", "follow a device server's live stream: rates and trace statistics"),
-    "keys": ("labpnn.security", "create a CurveZMQ key pair"),
-    "sim": ("labpnn.sim_cli", "start simulated instruments on 127.0.0.1 (e.g. `labpnn sim optical`)"),
-    "inspect": ("labpnn.session_cli", "summarise a session file (--plot, --json)"),
-    "import": ("labpnn.session_cli", "turn controls/traces recorded elsewhere (CSV, NPZ) into a session"),
-    "replay": ("labpnn.session_cli", "serve a recorded session as a device server"),
-    "calibrate": ("labpnn.calibrate", "measure a calibration sweep into a session"),
-    "twin": ("labpnn.twin_cli", "fit and evaluate digital twins (`labpnn twin fit ...`)"),
-    "train": ("labpnn.trainer", "train a physical neural network (PAT or in-silico)"),
-    "demo": ("labpnn.demo", "the main job: simulated bench, calibrate, fit, train, evaluate"),
+    "serve": ("labpnn.remote.cli", "serve a rig (RIG.toml) over ZeroMQ"),
+    "monitor": ("labpnn.remote.monitor", "follow a device server's live stream: rates and trace statistics"),
+    "keys": ("labpnn.remote.security", "create a CurveZMQ key pair"),
+    "sim": ("labpnn.benches.cli", "start simulated instruments on 127.0.0.1 (e.g. `labpnn sim optical`)"),
+    "inspect": ("labpnn.sessions.cli", "summarise a session file (--plot, --json)"),
+    "import": ("labpnn.sessions.cli", "turn controls/traces recorded elsewhere (CSV, NPZ) into a session"),
+    "replay": ("labpnn.remote.cli", "serve a recorded session as a device server"),
+    "calibrate": ("labpnn.twin.calibrate", "measure a calibration sweep into a session"),
+    "twin": ("labpnn.twin.cli", "fit and evaluate digital twins (`labpnn twin fit ...`)"),
+    "train": ("labpnn.training.cli", "train a physical neural network (PAT or in-silico)"),
+    "demo": ("labpnn.benches.demo", "the main job: simulated bench, calibrate, fit, train, evaluate"),
 }
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from labpnn.contract import Measurement, validate_controls
-from labpnn.drivers.roles import FLAG_QUANTISED, Actuator, Sensor
+from labpnn.drivers.roles import FLAG_QUANTISED, Actuator, BatchFailed, Sensor
 from labpnn.protocols.errors import (
     Aborted,
     BadSetting,
@@ -207,10 +207,18 @@ class Rig:
             except Exception as exc:
                 self.safe_state()
                 name = self.actuators[0].name
-                return Measurement(batch, np.empty((0, self.n_outputs), np.float32), batch[:0].copy(),
-                                   np.empty(0), np.empty(0, np.uint32), InstrumentFailure(
-                                       f"{name}: {exc} (a whole-batch measurement; no rows kept)",
-                                       details={"n_done": 0, "instrument": name,
+                done = exc if isinstance(exc, BatchFailed) else None  # the rows it measured before failing
+                traces = (np.asarray(done.traces, np.float32) if done is not None
+                          else np.empty((0, self.n_outputs), np.float32))
+                n_done = traces.shape[0]
+                flags = np.asarray(done.flags, np.uint32) if done is not None else np.empty(0, np.uint32)
+                self.busy_s += time.perf_counter() - started
+                self.rows_done += n_done
+                kept = f"rows before row {n_done} were measured" if n_done else "no rows kept"
+                return Measurement(batch, traces, batch[:n_done].copy(), np.full(n_done, time.time()), flags,
+                                   InstrumentFailure(
+                                       f"{name}: {exc} (row {n_done} of {batch.shape[0]}; {kept})",
+                                       details={"n_done": n_done, "instrument": name,
                                                 "instrument_error": type(exc).__name__}))
             if out is None:
                 return None

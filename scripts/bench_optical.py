@@ -49,7 +49,8 @@ def measure(settle_s: float, sweep_s: float, rows: int, repeats: int) -> dict[st
     batch = np.random.default_rng(0).random((rows, 64), dtype=np.float32)
     out: dict[str, float] = {}
     physics = SHGBench(OpticalBenchConfig())
-    attn = 10.0 * (1 - batch.astype(np.float64))
+    shaper = load_config("examples/optical-sim.toml").rig.shaper  # the rig the emulators are driven through
+    attn = shaper.attn_max_db * (1 - batch.astype(np.float64)) + shaper.attn_min_db * batch
 
     def direct():
         for row in attn:
@@ -65,8 +66,8 @@ def measure(settle_s: float, sweep_s: float, rows: int, repeats: int) -> dict[st
             out["osa"] = _time(lambda: [osa.acquire() for _ in batch], repeats) / rows
             out["rig"] = _time(lambda: rig.measure(batch).raise_for_error(), repeats) / rows
             try:
-                from labpnn.client import RigClient
-                from labpnn.server import DeviceServer
+                from labpnn.remote.client import RigClient
+                from labpnn.remote.server import DeviceServer
             except ImportError:
                 return out
             with DeviceServer(rig, bind="tcp://127.0.0.1:*", publish="") as server, \

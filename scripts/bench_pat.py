@@ -59,11 +59,17 @@ def main(argv=None) -> int:
         args.settle_ms, args.sweep_ms = 5.0, 20.0
 
     torch.set_num_threads(1)
-    from labpnn.client import RigClient
-    from labpnn.datasets import load_dataset, logistic_baseline
-    from labpnn.demo import simulated_bench
-    from labpnn.server import DeviceServer
-    from labpnn.trainer import TrainSettings, _operating_controls, calibrate_and_fit, make_network, train
+    from labpnn.benches.demo import simulated_bench
+    from labpnn.remote.client import RigClient
+    from labpnn.remote.server import DeviceServer
+    from labpnn.training.datasets import load_dataset, logistic_baseline
+    from labpnn.training.trainer import (
+        TrainSettings,
+        _operating_controls,
+        calibrate_and_fit,
+        make_network,
+        train,
+    )
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

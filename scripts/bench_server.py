@@ -127,8 +127,8 @@ def _serve_echo() -> None:
 
 def _serve_labpnn(n_outputs: int, curve_dir: str | None) -> None:
     from labpnn.config import ServerSection
+    from labpnn.remote.server import DeviceServer
     from labpnn.rig import Rig
-    from labpnn.server import DeviceServer
     from labpnn.sim_instruments.test_rig import SimTestRig
 
     sim = SimTestRig(C, n_outputs, zero_cost=True)
@@ -250,7 +250,7 @@ class FloorClient(RawClient):
 
 class LabpnnBench:
     def __init__(self, address, curve=None):
-        from labpnn.client import RigClient
+        from labpnn.remote.client import RigClient
 
         kwargs = {}
         if curve:
@@ -340,7 +340,7 @@ def main(argv=None) -> int:
 
     tmp = tempfile.TemporaryDirectory()
     keys = Path(tmp.name)
-    from labpnn.security import create_key_pair
+    from labpnn.remote.security import create_key_pair
 
     create_key_pair("server", keys)
     (keys / "authorized").mkdir()

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from labpnn.contract import Measurement
-from labpnn.session import RecordingSystem, SessionWriter
+from labpnn.sessions import RecordingSystem, SessionWriter
 
 
 def _batches(n_batches: int, rows: int, outputs: int, controls: int = 16, received: bool = False):
@@ -110,9 +110,9 @@ def bench_disk(directory: Path, megabytes: int) -> float:
 
 # -- device server in a child process -----------------------------------------------------------
 def serve_child(args) -> None:
+    from labpnn.remote.server import DeviceServer
     from labpnn.rig import Rig
-    from labpnn.server import DeviceServer
-    from labpnn.session import record_to
+    from labpnn.sessions import record_to
     from labpnn.sim_instruments.test_rig import SimTestRig
 
     sim = SimTestRig(16, args.outputs, zero_cost=args.latency == 0, latency_s=args.latency, noise=0.0)
@@ -163,7 +163,7 @@ def bench_client(directory: Path, rows: int, outputs: int, latency: float, secon
     """Rows/s through a RigClient with recording off and on: on the trainer side (the client
     wrapped in a RecordingSystem; writer thread, and writer process) and on the lab side (the
     server records, as `labpnn serve --record` does: `record_to`, writer process)."""
-    from labpnn.client import RigClient
+    from labpnn.remote.client import RigClient
 
     controls = np.random.default_rng(1).random((rows, 16), dtype=np.float32)
     results = []

@@ -14,8 +14,9 @@ Each size gets a fresh bench (same physics, its own noise and drift realisation,
 from nominal), so sizes compare like with like; with ``--via-emulators`` one bench runs on.
 
 The bench: `SHGBench(OpticalBenchConfig())` (64 shaper channels -> 512-pixel SH spectrum, noise,
-per-shot drift, model gap), controls mapped like examples/optical-sim.toml's shaper
-(``attn_dB = 10 (1 - x)``, 0.01 dB steps), traces in W as the OSA reports them. It runs
+per-shot drift, model gap), controls mapped like the optical bench's shaper (`labpnn.benches.optical`,
+= examples/optical-sim.toml: ``attn_dB = 30 (1 - x)``, 0.01 dB steps; ``--attn-max-db 10`` gives the
+0-10 dB range the README's twin figures were first measured on), traces in W as the OSA reports them. It runs
 in-process by default; ``--via-emulators`` drives it through the real drivers (WaveShaper REST +
 AQ6370 SCPI emulators on 127.0.0.1, the optical `Rig` of examples/optical-sim.toml) instead.
 
@@ -38,9 +39,15 @@ import numpy as np
 class BenchPlant:
     """The simulated bench as a PhysicalSystem, in-process (no sockets)."""
 
-    def __init__(self, *, attn_min_db: float = 0.0, attn_max_db: float = 10.0, resolution_db: float = 0.01,
-                 seed: int = 0):
+    def __init__(self, *, attn_min_db: float | None = None, attn_max_db: float | None = None,
+                 resolution_db: float | None = None, seed: int = 0):
+        from labpnn.benches.optical import RIG
         from labpnn.sim_instruments.shg import OpticalBenchConfig, SHGBench
+
+        shaper = RIG["shaper"]
+        attn_min_db = shaper["attn_min_db"] if attn_min_db is None else attn_min_db
+        attn_max_db = shaper["attn_max_db"] if attn_max_db is None else attn_max_db
+        resolution_db = shaper["attn_resolution_db"] if resolution_db is None else resolution_db
 
         self.bench = SHGBench(OpticalBenchConfig(seed=seed))
         self.attn_min_db, self.attn_max_db, self.resolution_db = attn_min_db, attn_max_db, resolution_db
@@ -75,7 +82,7 @@ def emulated_rig(config_path: str):
 
 
 def common_test_set(system, *, n_test: int, repeats: tuple[int, int], seed: int):
-    from labpnn.calibrate import calibrate
+    from labpnn.twin.calibrate import calibrate
 
     res = calibrate(system, n_test, None, batch_size=256, repeats=repeats, seed=seed, progress=False,
                     keep_data=True)
@@ -96,6 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--block", default="gated", choices=["gated", "mlp"])
     p.add_argument("--features", default="exp", choices=["exp", "linear"])
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on a shared machine)")
+    p.add_argument("--attn-max-db", type=float, help="shaper range (default: the optical bench's, 30 dB)")
     p.add_argument("--test-rows", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--via-emulators", metavar="RIG.toml", nargs="?", const="examples/optical-sim.toml",
@@ -108,8 +116,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from labpnn.calibrate import calibrate
     from labpnn.twin import fit_twin, regression_metrics
+    from labpnn.twin.calibrate import calibrate
 
     torch.set_num_threads(args.threads)
     emulators = None
@@ -119,7 +127,7 @@ def main(argv=None) -> int:
     try:
         for k, n in enumerate(args.sizes):
             if emulators is None:  # a fresh bench per size: every sweep starts from the nominal drift state
-                system = BenchPlant(seed=args.seed + k)
+                system = BenchPlant(seed=args.seed + k, attn_max_db=args.attn_max_db)
             n_distinct = 32 if n < 2000 else 64
             repeats = (n_distinct, 4)
             n_cal = n - n_distinct * 4

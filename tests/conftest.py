@@ -40,7 +40,7 @@ def make_server():
     rig=dict(...), **DeviceServer kwargs)`` -> a started DeviceServer (stopped at teardown).
     Without ``system``, serves a fresh test rig (``rig`` = SimTestRig kwargs); the server's
     ``sim`` attribute is then its SimTestRig."""
-    from labpnn.server import DeviceServer
+    from labpnn.remote.server import DeviceServer
 
     servers = []
 
@@ -64,7 +64,7 @@ def make_server():
 @pytest.fixture
 def make_client():
     """``make_client(server_or_address, **RigClient kwargs)`` -> RigClient (closed at teardown)."""
-    from labpnn.client import RigClient
+    from labpnn.remote.client import RigClient
 
     clients = []
 

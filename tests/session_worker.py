@@ -49,7 +49,7 @@ def main() -> int:
 
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (args.fsize, resource.RLIM_INFINITY))
-    from labpnn.session import SessionWriteError, SessionWriter
+    from labpnn.sessions import SessionWriteError, SessionWriter
 
     writer = SessionWriter(args.path, DESCRIBE, queue_batches=4, provenance={"seeds": [7]}, writer=args.writer)
     writer._check_space = not args.no_space_check

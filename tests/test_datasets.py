@@ -6,11 +6,11 @@ from importlib.resources import files
 import numpy as np
 import pytest
 
-from labpnn.datasets import load_dataset, load_file, load_vowels, logistic_baseline, split_indices
+from labpnn.training.datasets import load_dataset, load_file, load_vowels, logistic_baseline, split_indices
 
 
 def test_vowels_are_shipped_with_a_citation():
-    data = files("labpnn").joinpath("data")
+    data = files("labpnn.training").joinpath("data")
     assert data.joinpath("hillenbrand1995_women_vowels.csv").is_file()
     readme = data.joinpath("README.md").read_text()
     assert "Hillenbrand" in readme and "97" in readme and "3099" in readme and "MomeniAli/PhyLL" in readme

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from labpnn.network import (
+from labpnn.training.network import (
     PhysicalLayer,
     PhysicalNetwork,
     Pooling,

@@ -117,8 +117,8 @@ def test_osa_vanishing_mid_batch_returns_completed_rows(emulators):
 
 @pytest.mark.slow
 def test_end_to_end_through_device_server(emulators):
-    from labpnn.client import RigClient
-    from labpnn.server import DeviceServer
+    from labpnn.remote.client import RigClient
+    from labpnn.remote.server import DeviceServer
 
     with build_rig(optical_config(emulators)) as rig, \
             DeviceServer(rig, bind="tcp://127.0.0.1:*", publish="") as server, \

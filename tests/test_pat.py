@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from labpnn.contract import Measurement
-from labpnn.pat import PAT, LiveTwin, PATForward, PhysicsForward, TwinForward, pat
+from labpnn.training.pat import PAT, LiveTwin, PATForward, PhysicsForward, TwinForward, pat
 
 torch.set_num_threads(1)
 C, S = 8, 20

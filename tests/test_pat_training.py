@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from labpnn.datasets import make_dataset
-from labpnn.network import build_network
-from labpnn.pat import PATForward
 from labpnn.sim_instruments.test_rig import SimTestRig
-from labpnn.trainer import PassCounter, _step_gradients, load_network, train
+from labpnn.training.checkpoint import load_network
+from labpnn.training.counting import PassCounter
+from labpnn.training.datasets import make_dataset
+from labpnn.training.network import build_network
+from labpnn.training.pat import PATForward
+from labpnn.training.trainer import _step_gradients, train
 
 torch.set_num_threads(1)
 
@@ -57,7 +59,7 @@ def test_pat_beats_insilico_when_the_twin_is_wrong():
 
 
 def test_passes_are_counted_by_kind_and_recorded_in_the_session(tmp_path):
-    from labpnn.session import open_session
+    from labpnn.sessions import open_session
 
     ds = blob_dataset(0)
     sim = SimTestRig(16, 64, noise=0.01, seed=0)
@@ -147,7 +149,7 @@ def test_train_cli_in_process_rig(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_quick(tmp_path):
-    from labpnn.demo import run_demo
+    from labpnn.benches.demo import run_demo
 
     summary = run_demo(tmp_path / "demo", bench="test", quick=True, epochs=2, progress=False,
                        calibration_rows=200, twin_seconds=3)

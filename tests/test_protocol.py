@@ -47,7 +47,7 @@ def test_request_round_trip_shares_memory_and_keeps_dtypes():
 def test_arrays_decoded_from_zmq_frames_are_read_only_views_that_a_session_need_not_copy():
     import zmq
 
-    from labpnn.session import _immutable
+    from labpnn.sessions.writer import _immutable
 
     x = controls(2)
     frames = [zmq.Frame(bytes(f)) for f in codec.encode_request("run", {}, {"controls": x}, id="a", token="t")]

@@ -76,3 +76,19 @@ def test_a_failing_batch_instrument_is_an_instrument_failure_and_goes_safe():
     m = Rig([sim], [sim]).connect().measure(controls(3))
     assert isinstance(m.error, InstrumentFailure) and "trigger lost" in str(m.error)
     assert m.n_done == 0 and m.traces.shape == (0, 8) and sim.safe
+
+
+def test_a_batch_instrument_failing_part_way_keeps_the_rows_it_measured():
+    from labpnn.drivers.roles import BatchFailed
+
+    class DiesAtRowThree(CountingSim):
+        def measure_batch(self, controls):
+            traces, flags = super().measure_batch(controls[:3])
+            raise BatchFailed("reference chirp missing three times", traces, flags)
+
+    sim, x = DiesAtRowThree(16, 8, seed=2), controls(5)
+    m = Rig([sim], [sim]).connect().measure(x)
+    assert isinstance(m.error, InstrumentFailure) and m.error.details["n_done"] == 3 and m.n_done == 3
+    assert "chirp" in str(m.error) and "row 3 of 5" in str(m.error)
+    assert_same_map(m.traces, SimTestRig(16, 8, seed=2).run(x[:3]), sim, x)
+    np.testing.assert_array_equal(m.applied, x[:3])  # copied

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from conftest import assert_alive, assert_same_map, controls, make_test_rig
 
-from labpnn.client import RigClient
 from labpnn.protocols import codec
 from labpnn.protocols.errors import (
     Aborted,
@@ -26,7 +25,8 @@ from labpnn.protocols.errors import (
     NotLocked,
     RequestTimeout,
 )
-from labpnn.server import DeviceServer, InsecureBind, is_loopback
+from labpnn.remote.client import RigClient
+from labpnn.remote.server import DeviceServer, InsecureBind, is_loopback
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -403,7 +403,7 @@ def test_progress_keeps_a_long_run_alive(make_server, make_client):
 # -- live stream and monitor --------------------------------------------------------------------------
 def _monitor_while_running(server, client, *, rows, count, **monitor_kwargs):
     """`monitor` the server's stream for ``count`` batches while ``client`` runs batches of ``rows``."""
-    from labpnn.monitor import monitor
+    from labpnn.remote.monitor import monitor
 
     summary = {}
     thread = threading.Thread(target=lambda: summary.update(monitor(
@@ -430,7 +430,7 @@ def test_monitor_reports_batches_rates_and_no_gaps(make_server, make_client, cap
 
 
 def test_monitor_cli_counts_sequence_gaps(make_server):
-    from labpnn.monitor import Follower
+    from labpnn.remote.monitor import Follower
 
     follower = Follower()
     for seq in (4, 5, 8, 9):
@@ -441,7 +441,7 @@ def test_monitor_cli_counts_sequence_gaps(make_server):
 # -- CURVE -------------------------------------------------------------------------------------------------
 @pytest.fixture
 def curve_keys(tmp_path):
-    from labpnn.security import create_key_pair
+    from labpnn.remote.security import create_key_pair
 
     create_key_pair("server", tmp_path)
     (tmp_path / "authorized").mkdir()
@@ -502,7 +502,7 @@ def test_live_stream_with_curve_reaches_allowed_subscribers_only(make_server, ma
 
 
 def test_curve_identity_is_key_and_token(make_server, make_client, curve_keys):
-    from labpnn.security import create_key_pair
+    from labpnn.remote.security import create_key_pair
 
     create_key_pair("bob", curve_keys)
     shutil.copy(curve_keys / "bob.key", curve_keys / "authorized")
@@ -576,11 +576,11 @@ def test_serve_bad_config_exits_2_naming_the_field(tmp_path):
 
 
 def test_server_does_not_import_torch():
-    code = ("import sys\nfrom labpnn.config import build_rig, parse_config\nfrom labpnn.server import DeviceServer\n"
-            "import labpnn.client, labpnn.monitor, labpnn.security\n"
+    code = ("import sys\nfrom labpnn.config import build_rig, parse_config\nfrom labpnn.remote.server import DeviceServer\n"
+            "import labpnn.remote.client, labpnn.remote.monitor, labpnn.remote.security\n"
             "rig = build_rig(parse_config({'rig': {'kind': 'test'}})).connect()\n"
             "s = DeviceServer(rig, bind='tcp://127.0.0.1:*', publish='tcp://127.0.0.1:*').start()\n"
-            "c = labpnn.client.RigClient(s.address); c.run(__import__('numpy').zeros((1, 16), 'float32'))\n"
+            "c = labpnn.remote.client.RigClient(s.address); c.run(__import__('numpy').zeros((1, 16), 'float32'))\n"
             "c.close(); s.stop()\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\nprint('ok')\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)

@@ -9,10 +9,10 @@ import pytest
 from labpnn.cli import main as labpnn
 from labpnn.contract import PhysicalSystem
 from labpnn.protocols.errors import BadSetting, InvalidControls
-from labpnn.replay import FLAG_REPLAY_APPROX, NotRecorded, ReplayRig
 from labpnn.rig import Rig
-from labpnn.session import RecordingSystem, SessionWriter, open_session
-from labpnn.session_cli import ImportProblem, import_session
+from labpnn.sessions import RecordingSystem, SessionWriter, open_session
+from labpnn.sessions.cli import ImportProblem, import_session
+from labpnn.sessions.replay import FLAG_REPLAY_APPROX, NotRecorded, ReplayRig
 from labpnn.sim_instruments.test_rig import SimTestRig
 
 

@@ -10,13 +10,13 @@ import time
 import numpy as np
 import pytest
 
-import labpnn.client as client_mod
-import labpnn.server as server_mod
+import labpnn.remote.client as client_mod
+import labpnn.remote.server as server_mod
 from labpnn.protocols.errors import InvalidControls  # noqa: E402
-from labpnn.replay import ReplayRig  # noqa: E402
 from labpnn.rig import Rig  # noqa: E402
-from labpnn.session import RecordingSystem, SessionWriter, open_session  # noqa: E402
-from labpnn.session_cli import import_session  # noqa: E402
+from labpnn.sessions import RecordingSystem, SessionWriter, open_session  # noqa: E402
+from labpnn.sessions.cli import import_session  # noqa: E402
+from labpnn.sessions.replay import ReplayRig  # noqa: E402
 from labpnn.sim_instruments.test_rig import SimTestRig  # noqa: E402
 
 DeviceServer, RigClient = server_mod.DeviceServer, client_mod.RigClient
@@ -104,12 +104,12 @@ def test_replay_label_reaches_a_remote_client(tmp_path):
     """A nearest-neighbour answer is labelled in the reply meta and the flags, over the wire too."""
     import numpy as np
 
-    from labpnn.client import RigClient
     from labpnn.contract import Measurement
     from labpnn.drivers.roles import FLAG_REPLAY_APPROX
-    from labpnn.replay import ReplayRig
-    from labpnn.server import DeviceServer
-    from labpnn.session import SessionWriter
+    from labpnn.remote.client import RigClient
+    from labpnn.remote.server import DeviceServer
+    from labpnn.sessions import SessionWriter
+    from labpnn.sessions.replay import ReplayRig
 
     controls = np.random.default_rng(0).random((8, 4), dtype=np.float32)
     traces = np.random.default_rng(1).random((8, 16), dtype=np.float32)
@@ -136,8 +136,8 @@ def test_serve_record_keeps_a_lab_side_session(tmp_path):
 
     import numpy as np
 
-    from labpnn.client import RigClient
-    from labpnn.session import open_session
+    from labpnn.remote.client import RigClient
+    from labpnn.sessions import open_session
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "labpnn.cli", "serve", "--config", "examples/test-rig.toml",

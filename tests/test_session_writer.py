@@ -17,7 +17,7 @@ import pytest
 from labpnn.contract import Measurement
 from labpnn.protocols.errors import Aborted, InvalidControls
 from labpnn.rig import Rig
-from labpnn.session import (
+from labpnn.sessions import (
     TAG_VOCABULARY,
     RecordingSystem,
     SessionWriteError,
@@ -155,7 +155,7 @@ def test_refuses_to_overwrite_and_bad_tags(tmp_path):
 
 
 def test_full_queue_applies_back_pressure_and_drops_nothing(tmp_path, monkeypatch):
-    from labpnn import session
+    from labpnn.sessions import layout as session
 
     slow = session._SegmentFile.write_batches
 
@@ -246,7 +246,7 @@ def test_record_to_directory_owns_its_writer(tmp_path):
 
 
 def test_provenance_does_not_import_torch():
-    code = "import sys; from labpnn.session import provenance; provenance(); print('torch' in sys.modules)"
+    code = "import sys; from labpnn.sessions import provenance; provenance(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
     assert provenance(seeds=[3])["seeds"] == [3]

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from labpnn.calibrate import CALIBRATION_TAG, NOISE_TAG, calibrate, near_sampler, plan_calibration
 from labpnn.twin import (
     Twin,
     fit_twin,
@@ -22,6 +21,7 @@ from labpnn.twin import (
     save_twin,
     split_by_time,
 )
+from labpnn.twin.calibrate import CALIBRATION_TAG, NOISE_TAG, calibrate, near_sampler, plan_calibration
 
 torch.set_num_threads(1)
 
@@ -173,7 +173,7 @@ def test_exp_features_are_standardised():
 
 
 def test_twin_modules_never_import_the_simulator():
-    code = ("import sys, labpnn.twin, labpnn.online, labpnn.calibrate, labpnn.twin_cli, labpnn.twin_metrics\n"
+    code = ("import sys, labpnn.twin, labpnn.twin.online, labpnn.twin.calibrate, labpnn.twin.cli, labpnn.twin.metrics\n"
             "bad = sorted(m for m in sys.modules if m.startswith('labpnn.sim_instruments') or m == 'sim_instruments')\n"
             "print(','.join(bad))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -203,19 +203,19 @@ def test_plan_spreads_noise_passes_through_the_sweep():
 
 def _sessions_available() -> bool:
     try:
-        import labpnn.session  # noqa: F401
+        import labpnn.sessions  # noqa: F401
     except ImportError:
         return False
     return True
 
 
-needs_sessions = pytest.mark.skipif(not _sessions_available(), reason="labpnn.session not available")
+needs_sessions = pytest.mark.skipif(not _sessions_available(), reason="labpnn.sessions not available")
 
 
 @needs_sessions
 def test_calibrate_writes_tagged_session_and_fit_from_it(tmp_path):
     from labpnn.rig import Rig
-    from labpnn.session import SessionWriter, open_session
+    from labpnn.sessions import SessionWriter, open_session
     from labpnn.sim_instruments.test_rig import SimTestRig
 
     sim = SimTestRig(6, 24, hidden=8, noise=0.02, seed=4)
@@ -243,8 +243,8 @@ def test_calibrate_writes_tagged_session_and_fit_from_it(tmp_path):
 @needs_sessions
 def test_fit_from_imported_session_matches_recorded(tmp_path):
     from labpnn.rig import Rig
-    from labpnn.session import SessionWriter, open_session
-    from labpnn.session_cli import import_session
+    from labpnn.sessions import SessionWriter, open_session
+    from labpnn.sessions.cli import import_session
     from labpnn.sim_instruments.test_rig import SimTestRig
 
     sim = SimTestRig(6, 24, hidden=8, noise=0.02, seed=5)
@@ -297,7 +297,7 @@ def test_cli_calibrate_and_twin_fit(tmp_path, capsys):
 
 @needs_sessions
 def test_calibrate_over_the_wire(tmp_path, make_server, make_client):
-    from labpnn.session import SessionWriter, open_session
+    from labpnn.sessions import SessionWriter, open_session
 
     server = make_server(rig={"n_controls": 8, "n_outputs": 32, "noise": 0.01})
     client = make_client(server)

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import torch
 
-from labpnn.calibrate import calibrate, near_sampler
-from labpnn.online import DriftAlarm, OnlineTwinFitter
 from labpnn.twin import fit_twin
+from labpnn.twin.calibrate import calibrate, near_sampler
+from labpnn.twin.online import DriftAlarm, OnlineTwinFitter
 
 torch.set_num_threads(1)
 
@@ -193,7 +193,7 @@ def test_feed_rejects_wrong_shapes():
 
 
 def test_follow_a_growing_session(tmp_path):
-    from labpnn import session
+    from labpnn import sessions as session
     from labpnn.contract import Measurement
 
     twin, w = _tiny_twin()

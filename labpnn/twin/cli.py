@@ -79,7 +79,8 @@ def cli_twin(parser: argparse.ArgumentParser):
 def _fit(args: argparse.Namespace) -> int:
     import torch
 
-    from labpnn.twin import FIT_TAGS, fit_twin_from_data, load_sessions, save_twin
+    from labpnn.twin.fit import FIT_TAGS, fit_twin_from_data, load_sessions
+    from labpnn.twin.model import save_twin
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,7 +106,9 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from labpnn.twin import load_sessions, load_twin, noise_from_repeats, regression_metrics
+    from labpnn.twin.fit import load_sessions
+    from labpnn.twin.metrics import noise_from_repeats, regression_metrics
+    from labpnn.twin.model import load_twin
 
     twin = load_twin(args.twin, map_location=args.device)
     data = load_sessions(args.sessions, tags=None)
@@ -128,7 +131,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from labpnn.twin import load_twin
+    from labpnn.twin.model import load_twin
 
     twin = load_twin(args.twin)
     info = {"config": twin.config(), "parameters": sum(p.numel() for p in twin.parameters()), "meta": twin.meta}

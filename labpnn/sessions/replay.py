@@ -31,7 +31,7 @@ import numpy as np
 from labpnn.contract import Measurement, validate_controls
 from labpnn.drivers.roles import FLAG_REPLAY_APPROX
 from labpnn.protocols.errors import BadSetting, InvalidControls
-from labpnn.session import open_session
+from labpnn.sessions.reader import open_session
 
 MODES = ("exact", "nearest", "twin")
 

@@ -83,7 +83,7 @@ class RigClient:
         self._client_keys = client_keys
         self.curve = server_public_key is not None
         if self.curve:  # fail early on unreadable keys
-            from labpnn import security
+            from labpnn.remote import security
 
             security.load_public_key(server_public_key)
             if client_keys is not None:
@@ -486,7 +486,7 @@ class RigClient:
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         if self.curve:
-            from labpnn import security
+            from labpnn.remote import security
 
             security.make_curve_client(sock, self._server_public_key, self._client_keys)
         mon = sock.get_monitor_socket(_MONITOR_EVENTS)

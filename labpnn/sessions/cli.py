@@ -1,5 +1,4 @@
-"""``labpnn inspect | import | replay``: look into a session, make one from data recorded elsewhere,
-serve one as a device server.
+"""``labpnn inspect | import``: look into a session, make one from data recorded elsewhere.
 
 - ``labpnn inspect SESSION [--plot out.png] [--json]`` — summary (rig, rows, batches, tags, time span,
   flags, errors, events, provenance); ``--plot`` draws example traces, a trace heat-map and a
@@ -8,8 +7,7 @@ serve one as a device server.
   measurement per row, header row optional) or NPZ/NPY. Controls in [0, 1] are kept as they are;
   others are refused unless ``--scale-controls LO HI`` or ``--scale-controls auto`` maps them, and
   the scaling is recorded in the session (``describe["import"]`` and the ``import`` event).
-- ``labpnn replay SESSION... [--bind] [--mode exact|nearest] [--tolerance]`` — a `ReplayRig` behind a
-  `DeviceServer`, so unchanged trainer code (a `RigClient`) runs offline.
+(``labpnn replay``, which serves a session, is a command of `labpnn.remote.cli`.)
 
 Imports no torch.
 """
@@ -25,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from labpnn.session import SessionReader, SessionWriter, open_session, segment_path
+from labpnn.sessions.layout import segment_path
+from labpnn.sessions.reader import SessionReader, open_session
+from labpnn.sessions.writer import SessionWriter
 
 FLAG_NAMES = {0: "SATURATED", 1: "QUANTISED", 2: "LIMITED", 8: "REPLAY_APPROX"}
 
@@ -524,62 +524,5 @@ def cli_import(parser):
 # replay
 
 
-def cli_replay(parser):
-    parser.add_argument("sessions", nargs="+", metavar="SESSION", help="session file(s) to serve (same shape)")
-    parser.add_argument("--bind", default="tcp://127.0.0.1:5555", help="request socket (default tcp://127.0.0.1:5555)")
-    parser.add_argument("--publish", default="", help="live stream address (default: none)")
-    parser.add_argument("--mode", choices=("exact", "nearest"), default="exact",
-                        help="exact: only recorded controls are answered (default); nearest: unmeasured "
-                             "controls get the nearest record, labelled as approximate in every reply")
-    parser.add_argument("--tolerance", type=float, default=1e-6,
-                        help="max-abs difference per channel for controls to match a record (default 1e-6)")
-    parser.add_argument("--tags", nargs="+", help="replay only rows with these tags")
-    parser.add_argument("--max-memory-mb", type=float, default=1024,
-                        help="hold traces in memory up to this size; beyond it read them from the files "
-                             "as batches ask (default 1024)")
-    parser.add_argument("--insecure", action="store_true", help="allow a non-loopback address without CURVE")
-
-    def handler(args) -> int:
-        import signal
-        import threading
-
-        from labpnn.replay import ReplayRig
-
-        try:
-            rig = ReplayRig(args.sessions, tolerance=args.tolerance, mode=args.mode, tags=args.tags,
-                            max_memory_bytes=int(args.max_memory_mb * 2**20))
-        except (FileNotFoundError, ValueError) as exc:
-            print(f"labpnn replay: {exc}", file=sys.stderr)
-            return 2
-        from labpnn.server import DeviceServer
-
-        try:
-            server = DeviceServer(rig, bind=args.bind, publish=args.publish, insecure=args.insecure)
-            server.start()
-        except Exception as exc:  # noqa: BLE001 - bind errors, insecure address
-            print(f"labpnn replay: cannot serve: {exc}", file=sys.stderr)
-            return 2
-        info = rig.describe()["replay"]
-        note = "" if args.mode == "exact" else " — ANSWERS UNMEASURED CONTROLS (nearest record), labelled in replies"
-        print(f"labpnn replay: serving {info['rows']} recorded rows of {', '.join(args.sessions)} on "
-              f"{server.address} (mode {args.mode}, tolerance {args.tolerance:g}, traces in {info['traces']})"
-              f"{note}", flush=True)
-        stop = threading.Event()
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        try:
-            while not stop.wait(0.5):
-                pass
-        except KeyboardInterrupt:
-            pass
-        finally:
-            server.stop()
-            rig.close()
-            print(f"labpnn replay: stopped after answering {rig.rows_answered} rows", flush=True)
-        return 0
-
-    return handler
-
-
-__all__ = ["ImportProblem", "cli_import", "cli_inspect", "cli_replay", "format_summary", "import_session",
+__all__ = ["ImportProblem", "cli_import", "cli_inspect", "format_summary", "import_session",
            "load_table", "plot_session", "scale_controls", "summarize"]

@@ -2,7 +2,7 @@
 
 Three sources, one result type (`Dataset`):
 
-- ``"vowels"`` — Hillenbrand et al. (1995) vowel formants of 50 women, shipped in ``labpnn/data``
+- ``"vowels"`` — Hillenbrand et al. (1995) vowel formants of 50 women, shipped in ``labpnn/training/data``
   (258 samples, 7 vowels, 12 features: F1–F3 at steady state and at 20/50/80 % of the duration);
 - ``"digits"`` — scikit-learn's bundled 8×8 handwritten digits (1797 samples, 10 classes). A bench
   with a few dozen control channels cannot take 64 features *and* trainable parameters, so
@@ -76,7 +76,7 @@ class Dataset:
 # -- raw loaders ----------------------------------------------------------------------------------
 def load_vowels() -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """The shipped vowel formants: ``(X float64[258, 12], y int64[258], class_names, feature_names)``."""
-    text = files("labpnn").joinpath("data", VOWELS_FILE).read_text()
+    text = files("labpnn.training").joinpath("data", VOWELS_FILE).read_text()
     rows = list(csv.reader(text.splitlines()))
     header, body = rows[0], [r for r in rows[1:] if r]
     feature_names = header[2:]

@@ -91,7 +91,7 @@ def monitor(address: str, *, count: int | None = None, seconds: float | None = N
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, 10000)
     if server_public_key is not None:
-        from labpnn import security
+        from labpnn.remote import security
 
         security.make_curve_client(sock, server_public_key, client_keys)
     sock.setsockopt(zmq.SUBSCRIBE, b"batch")

@@ -45,8 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from labpnn.twin import Twin
-from labpnn.twin_metrics import expected_noise_var
+from labpnn.twin.metrics import expected_noise_var
+from labpnn.twin.model import Twin
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ class OnlineTwinFitter:
         tags = None if tags is None else set(tags)
 
         def run() -> None:
-            from labpnn.session import open_session
+            from labpnn.sessions import open_session
 
             reader = open_session(path)
             try:

@@ -172,7 +172,7 @@ def calibrate(
 ) -> CalibrationResult:
     """Measure ``n`` calibration rows (tag ``calibration``) and ``n_distinct x n_repeats``
     noise rows (tag ``noise``) on ``system``, appending each batch to ``writer`` (a
-    `labpnn.session.SessionWriter`; None: nothing is logged, use ``keep_data``).
+    `labpnn.sessions.SessionWriter`; None: nothing is logged, use ``keep_data``).
 
     ``sampler`` (with ``sampler_fraction`` of the rows) draws where training will operate; the
     rest is uniform in [0, 1]. If a batch fails part-way, the rows measured are logged, an
@@ -223,7 +223,7 @@ def calibrate(
     seconds = time.perf_counter() - started
     noise_var, groups = None, 0
     if noise_x:
-        from labpnn.twin_metrics import noise_from_repeats
+        from labpnn.twin.metrics import noise_from_repeats
 
         noise_var, groups = noise_from_repeats(np.concatenate(noise_x), np.concatenate(noise_y))
     if writer is not None:
@@ -279,10 +279,10 @@ def cli_calibrate(parser: argparse.ArgumentParser):
         if out.exists() and not args.force:
             parser.error(f"{out} exists (use --force to overwrite)")
         sampler = near_sampler(_load_centres(args.near), args.near_jitter) if args.near else None
-        from labpnn.session import SessionWriter
+        from labpnn.sessions import SessionWriter
 
         if args.rig:
-            from labpnn.client import RigClient
+            from labpnn.remote.client import RigClient
 
             system: Any = RigClient(args.rig, server_public_key=args.server_key, client_keys=args.client_key)
             closer = getattr(system, "close", lambda: None)

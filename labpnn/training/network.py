@@ -26,7 +26,7 @@ as a layer with ``n_in`` input features and ``n_out`` output features:
    the forward pass, and `PhysicalNetwork.project_` puts them back inside after each optimiser
    step, so the physics never sees a control outside ``[lo, hi]`` ⊆ [0, 1].
 4. **The physics** — whatever turns controls into traces: PAT (physics forward, twin backward), the
-   twin alone, or the physics alone (``labpnn.pat``), passed to ``forward`` as ``through``.
+   twin alone, or the physics alone (``labpnn.training.pat``), passed to ``forward`` as ``through``.
 5. **Pooling (fixed during training).** Output pixels are summed in ``n_out`` contiguous bins
    (`Pooling`). `PhysicalNetwork.init_affine` places them once, before training, inside the window
    where the layer's mean trace over the training set carries signal, with edges that give each

@@ -1,8 +1,9 @@
 """``labpnn demo``: the main job, end to end, on a simulated bench — nothing leaves 127.0.0.1.
 
-1. starts the simulated bench (`simulated_bench`: the one place that picks it — the optical
-   bench's WaveShaper and AQ6370 emulators, zero latency, behind the real drivers and `Rig`) and a
-   `DeviceServer` on loopback serving it; everything after that goes through a `RigClient`;
+1. starts the simulated bench (``--bench``, from `labpnn.benches`: for the optical bench the
+   WaveShaper and AQ6370 emulators, zero latency, behind the real drivers and `Rig`, serving the
+   rig of ``examples/optical-sim.toml``) and a `DeviceServer` on loopback serving it; everything
+   after that goes through a `RigClient`;
 2. calibrates (a sweep steered toward the controls the initial network sends, plus repeats for
    the noise floor; ``calibration.h5``) and fits the twin (``twin.pt``);
 3. trains the vowel classifier with PAT and in-silico (same twin, same split, same seed), each
@@ -14,67 +15,20 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from labpnn.benches import BENCHES, get_bench
+
 log = logging.getLogger(__name__)
 
-#: the optical rig the demo serves: examples/optical-sim.toml's instruments and axis, but a 0-30 dB
-#: control range (the example uses 0-10 dB) - the range the demo's PAT network was tuned on; the
-#: bench physics (noise, drift, gap) is the default one. Addresses are filled in at start.
-OPTICAL_RIG = {
-    "kind": "optical",
-    "shaper": {"n_channels": 64, "band_start_thz": 191.48, "band_stop_thz": 195.32, "attn_min_db": 0.0,
-               "attn_max_db": 30.0, "attn_resolution_db": 0.01, "settle_s": 0.0},
-    "osa": {"start_nm": 770.0, "stop_nm": 780.0, "points": 512, "resolution_nm": 0.05, "termination": "\n"},
-}
-
-
-@contextlib.contextmanager
-def simulated_bench(bench: str = "optical", *, settle_s: float = 0.0, sweep_s: float = 0.0,
-                    seed: int = 0) -> Iterator[Any]:
-    """A connected `Rig` on a simulated bench; closed (and its emulators stopped) on exit.
-
-    ``"optical"``: the SHG bench (64 shaper channels in [0, 1] -> 512-pixel SH spectrum) through
-    the WaveShaper and AQ6370 emulators on random loopback ports; ``settle_s`` is the shaper's
-    settle time per mask and ``sweep_s`` the OSA's sweep time (zero: the emulators answer at
-    once; a realistic bench is ~20 ms + ~200 ms). ``"test"``: the built-in `SimTestRig`
-    (16 -> 512) with a latency of ``settle_s + sweep_s`` per row."""
-    from labpnn.config import build_rig, parse_config
-
-    if bench == "optical":
-        from labpnn.sim_instruments.optical_bench import OpticalBenchEmulators
-        from labpnn.sim_instruments.shg import OpticalBenchConfig
-
-        emulators = OpticalBenchEmulators(OpticalBenchConfig(seed=seed), shaper_port=0, osa_port=0,
-                                          settle_s=settle_s, sweep_s=sweep_s).start()
-        try:
-            rig_section = json.loads(json.dumps(OPTICAL_RIG))
-            rig_section["shaper"]["url"] = emulators.shaper_url
-            rig_section["osa"]["resource"] = emulators.osa_resource
-            rig = build_rig(parse_config({"name": "optical-sim", "rig": rig_section}, "demo")).connect()
-            try:
-                yield rig
-            finally:
-                rig.close()
-        finally:
-            emulators.stop()
-    elif bench == "test":
-        rig = build_rig(parse_config({"name": "test-rig", "rig": {"kind": "test", "n_controls": 16, "n_outputs": 512,
-                                                                  "latency_s": settle_s + sweep_s,
-                                                                  "seed": seed}})).connect()
-        try:
-            yield rig
-        finally:
-            rig.close()
-    else:
-        raise ValueError(f"unknown bench {bench!r} (have: optical, test)")
+def simulated_bench(bench: str = "optical", *, settle_s: float = 0.0, sweep_s: float = 0.0, seed: int = 0):
+    """A connected `Rig` on bench ``bench``'s simulated instruments (`labpnn.benches`), closed on exit."""
+    return get_bench(bench).simulated_rig(settle_s=settle_s, sweep_s=sweep_s, seed=seed)
 
 
 def run_demo(out_dir: str | Path | None = None, *, bench: str = "optical", quick: bool = False, seed: int = 0,
@@ -85,11 +39,11 @@ def run_demo(out_dir: str | Path | None = None, *, bench: str = "optical", quick
     """Run the main job; returns the summary written to ``OUT/demo.json``."""
     import torch
 
-    from labpnn.client import RigClient
-    from labpnn.datasets import load_dataset
-    from labpnn.server import DeviceServer
-    from labpnn.session import SessionWriter, provenance
-    from labpnn.trainer import TrainSettings, calibrate_and_fit, operating_controls, train
+    from labpnn.remote.client import RigClient
+    from labpnn.remote.server import DeviceServer
+    from labpnn.sessions import SessionWriter, provenance
+    from labpnn.training.datasets import load_dataset
+    from labpnn.training.trainer import TrainSettings, calibrate_and_fit, operating_controls, train
     from labpnn.twin import save_twin
 
     out = Path(out_dir or Path("runs") / f"demo-{datetime.now():%Y%m%d-%H%M%S}")
@@ -167,7 +121,7 @@ def format_table(summary: dict[str, Any]) -> str:
 
 def cli_demo(parser: argparse.ArgumentParser):
     parser.add_argument("--quick", action="store_true", help="a short version (smoke test)")
-    parser.add_argument("--bench", choices=("optical", "test"), default="optical")
+    parser.add_argument("--bench", choices=sorted(BENCHES), default="optical")
     parser.add_argument("--out", help="output directory (default runs/demo-TIMESTAMP)")
     parser.add_argument("--layers", type=int, default=1, choices=(1, 2, 3))
     parser.add_argument("--epochs", type=int)

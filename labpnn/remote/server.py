@@ -19,8 +19,6 @@ This module never imports torch (the lab PC may not have it).
 from __future__ import annotations
 
 import collections
-import hashlib
-import inspect
 import itertools
 import logging
 import os
@@ -35,26 +33,24 @@ from typing import Any
 import numpy as np
 import zmq
 
-from labpnn.config import ConfigError, ServerSection
-from labpnn.contract import Measurement, validate_controls
+from labpnn.config import ServerSection
 from labpnn.drivers.roles import FLAG_SATURATED
 from labpnn.protocols.codec import decode_request, dumps, encode_error, encode_progress, encode_reply, peek_id
 from labpnn.protocols.errors import (
     Aborted,
     BadArray,
     BadRequest,
-    BadSetting,
     BadVersion,
-    InstrumentFailure,
     InternalError,
     InvalidControls,
     LabpnnError,
-    Locked,
-    NotLocked,
     ShuttingDown,
     TooLarge,
 )
 from labpnn.protocols.messages import CACHED_OPS, LOCKED_OPS, MAX_ARRAYS, MAX_HEADER_BYTES, VERSION
+from labpnn.remote.adapter import SystemAdapter
+from labpnn.remote.lease import LockLease, identity_hash
+from labpnn.remote.reply_cache import ReplyCache
 
 log = logging.getLogger(__name__)
 
@@ -75,86 +71,6 @@ def is_loopback(address: str) -> bool:
         return False
     host = match.group(1).strip("[]").split(";")[-1]
     return host == "localhost" or host == "::1" or host.startswith("127.")
-
-
-def identity_hash(identity: str) -> str:
-    return hashlib.sha256(identity.encode()).hexdigest()[:12]
-
-
-# -- the system, whatever it is ----------------------------------------------------------------
-class SystemAdapter:
-    """A uniform face over a Rig-like object (``measure(controls, abort=...)``) or a plain
-    `PhysicalSystem` (``describe``/``run`` only)."""
-
-    def __init__(self, system: Any):
-        self.system = system
-        self._measure = getattr(system, "measure", None)
-        self._kwargs: set[str] = set()
-        if self._measure is not None:
-            try:
-                params = inspect.signature(self._measure).parameters
-                if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-                    self._kwargs = {"abort", "progress"}
-                else:
-                    self._kwargs = {"abort", "progress"} & set(params)
-            except (TypeError, ValueError):
-                self._kwargs = set()
-        self._own_busy = 0.0
-        self.description = self.describe()
-        self.n_controls = int(self.description["n_controls"])
-        self.n_outputs = int(self.description["n_outputs"])
-
-    @property
-    def reports_progress(self) -> bool:
-        return "progress" in self._kwargs
-
-    def describe(self) -> dict[str, Any]:
-        desc = dict(self.system.describe())
-        for key in ("n_controls", "n_outputs"):
-            if key not in desc:
-                raise ValueError(f"the system's describe() has no {key!r}")
-        return desc
-
-    @property
-    def busy_s(self) -> float:
-        busy = getattr(self.system, "busy_s", None)
-        return float(busy) if isinstance(busy, (int, float)) else self._own_busy
-
-    def measure(self, controls: np.ndarray, abort: threading.Event, progress) -> Measurement:
-        if self._measure is not None:
-            kwargs = {}
-            if "abort" in self._kwargs:
-                kwargs["abort"] = abort
-            if "progress" in self._kwargs:
-                kwargs["progress"] = progress
-            m = self._measure(controls, **kwargs)
-        else:
-            batch = validate_controls(controls, self.n_controls)
-            started = time.perf_counter()
-            try:
-                traces = np.asarray(self.system.run(batch), dtype=np.float32)
-            except LabpnnError:
-                raise
-            except Exception as exc:
-                m = Measurement(batch, np.empty((0, self.n_outputs), np.float32),
-                                np.empty((0, self.n_controls), np.float32), np.empty(0), np.empty(0, np.uint32),
-                                InstrumentFailure(f"{type(exc).__name__}: {exc}", details={"n_done": 0}))
-            else:
-                busy = time.perf_counter() - started
-                n = traces.shape[0]
-                m = Measurement(batch, traces, batch.copy(), np.full(n, time.time()), np.zeros(n, np.uint32),
-                                None, busy)
-        self._own_busy += float(m.busy_s or 0.0)
-        return m
-
-    def configure(self, settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        configure = getattr(self.system, "configure", None)
-        if configure is None:
-            raise BadSetting("this system has no settings to configure")
-        try:
-            return dict(configure(settings) or {})
-        except (ValueError, TypeError) as exc:
-            raise BadSetting(str(exc)) from None
 
 
 # -- jobs and the reply cache ------------------------------------------------------------------
@@ -183,20 +99,6 @@ class Job:
         self.done_rows = n
 
 
-@dataclass
-class _Cached:
-    op: str
-    frames: list[Any]
-    nbytes: int
-
-
-def _frames_nbytes(frames: list[Any]) -> int:
-    total = 0
-    for f in frames:
-        total += len(f) if type(f) is bytes else memoryview(f).nbytes
-    return total
-
-
 class DeviceServer:
     """Serve ``system`` over ZeroMQ. See the module docstring and PROTOCOL.md.
 
@@ -221,7 +123,7 @@ class DeviceServer:
         reply_cache_bytes: int = 32 * 2**20,
         shutdown_grace_s: float = 1.0,
     ):
-        from labpnn import security
+        from labpnn.remote import security
 
         section = server or ServerSection()
         self.bind_address = bind if bind is not None else section.bind
@@ -265,13 +167,9 @@ class DeviceServer:
 
         # socket-thread state
         self._pending: dict[tuple[str, str], Job] = {}
-        self._cache: collections.OrderedDict[tuple[str, str], _Cached] = collections.OrderedDict()
-        self._cache_bytes = 0
-        self._evicted: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+        self._cache = ReplyCache(self.reply_cache, self.reply_cache_bytes, MAX_EVICTED_IDS)
         self._jobs_of: collections.Counter[str] = collections.Counter()
-        self._holder: str | None = None
-        self._holder_lease = self.lease_s
-        self._last_seen = 0.0
+        self._lock = LockLease(self.lease_s, busy=lambda identity: self._jobs_of[identity] > 0)
         self._rows_done = 0
         self._batches_done = 0
         self._batch_counter = itertools.count()
@@ -366,7 +264,7 @@ class DeviceServer:
             self._shutdown()
 
     def _open(self) -> None:
-        from labpnn import security
+        from labpnn.remote import security
 
         ctx = self._ctx = zmq.Context()
         if self._curve is not None:
@@ -458,7 +356,7 @@ class DeviceServer:
             reply = self._dispatch(op, request, arrays, identity, route, key)
             if reply is not None:
                 if cached:
-                    self._remember(key, op, reply)
+                    self._cache.remember(key, op, reply)
                 self._send(route, reply)
         except Exception as exc:  # a bug: say so, keep serving
             log.exception("internal error handling a request")
@@ -494,35 +392,17 @@ class DeviceServer:
         except zmq.ZMQError as exc:  # e.g. EHOSTUNREACH: the client is gone
             log.debug("reply not sent: %s", exc)
 
-    # -- lock and lease --------------------------------------------------------------------------
+    # -- lock and lease (`LockLease`) ---------------------------------------------------------------
     def _touch(self, identity: str) -> None:
-        if identity == self._holder:
-            self._last_seen = time.monotonic()
-
-    def _lease_remaining(self) -> float | None:
-        if self._holder is None:
-            return None
-        if self._jobs_of[self._holder]:
-            return self._holder_lease
-        return max(0.0, self._last_seen + self._holder_lease - time.monotonic())
+        self._lock.touch(identity)
 
     def _expire_lease(self) -> None:
-        if (self._holder is not None and not self._jobs_of[self._holder]
-                and time.monotonic() > self._last_seen + self._holder_lease):
-            log.info("lease of %s expired after %.1f s of silence; lock released",
-                     identity_hash(self._holder), self._holder_lease)
-            self._holder = None
+        if self._lock.expire():
             self._status_dirty = True
 
     def _require_lock(self, identity: str) -> None:
         self._expire_lease()
-        if self._holder == identity:
-            return
-        if self._holder is None:
-            raise NotLocked("this operation needs the lock: send 'lock' first")
-        raise Locked(f"another client ({identity_hash(self._holder)}) holds the lock",
-                     details={"holder": identity_hash(self._holder),
-                              "lease_remaining_s": round(self._lease_remaining() or 0.0, 3)})
+        self._lock.require(identity)
 
     # -- reply cache -------------------------------------------------------------------------------
     def _retry(self, key, op, route) -> bool:
@@ -530,7 +410,7 @@ class DeviceServer:
         job = self._pending.get(key)
         cached = self._cache.get(key) if job is None else None
         if job is None and cached is None:
-            if key in self._evicted:
+            if self._cache.was_evicted(key):
                 self._send(route, encode_error(key[1], BadRequest(
                     f"request {key[1]!r} already ran, but its reply was evicted from the reply cache",
                     details={"evicted": True})))
@@ -548,22 +428,6 @@ class DeviceServer:
         else:
             self._send(route, cached.frames)
         return True
-
-    def _remember(self, key, op, frames) -> None:
-        nbytes = _frames_nbytes(frames)
-        old = self._cache.pop(key, None)
-        if old is not None:
-            self._cache_bytes -= old.nbytes
-        self._cache[key] = _Cached(op, frames, nbytes)
-        self._cache_bytes += nbytes
-        # the newest entry always stays, however large; older ones go first
-        while len(self._cache) > 1 and (len(self._cache) > self.reply_cache
-                                        or self._cache_bytes > self.reply_cache_bytes):
-            old_key, old = self._cache.popitem(last=False)
-            self._cache_bytes -= old.nbytes
-            self._evicted[old_key] = None
-            if len(self._evicted) > MAX_EVICTED_IDS:
-                self._evicted.popitem(last=False)
 
     # -- quick ops (socket thread) ------------------------------------------------------------------
     def _limits(self) -> dict[str, Any]:
@@ -592,31 +456,19 @@ class DeviceServer:
 
     def _op_lock(self, request, arrays, identity, route, key):
         self._expire_lease()
-        lease = request.args.lease_s or self.lease_s
-        if self._holder not in (None, identity):
-            raise Locked(f"another client ({identity_hash(self._holder)}) holds the lock",
-                         details={"holder": identity_hash(self._holder),
-                                  "lease_remaining_s": round(self._lease_remaining() or 0.0, 3)})
-        renewed = self._holder == identity
+        renewed = self._lock.take(identity, request.args.lease_s)
         if not renewed:
-            log.info("lock taken by %s (lease %.1f s)", identity_hash(identity), lease)
             self._status_dirty = True
-        self._holder, self._holder_lease, self._last_seen = identity, float(lease), time.monotonic()
         return encode_reply(request.id, result={
-            "holder": identity_hash(identity), "lease_s": self._holder_lease,
-            "lease_remaining_s": self._lease_remaining(), "renewed": renewed})
+            "holder": identity_hash(identity), "lease_s": self._lock.lease_s,
+            "lease_remaining_s": self._lock.remaining(), "renewed": renewed})
 
     def _op_unlock(self, request, arrays, identity, route, key):
         self._expire_lease()
-        if self._holder is None:
-            return encode_reply(request.id, result={"released": False})
-        if self._holder != identity:
-            raise Locked(f"another client ({identity_hash(self._holder)}) holds the lock",
-                         details={"holder": identity_hash(self._holder)})
-        self._holder = None
-        self._status_dirty = True
-        log.info("lock released by %s", identity_hash(identity))
-        return encode_reply(request.id, result={"released": True})
+        released = self._lock.release(identity)
+        if released:
+            self._status_dirty = True
+        return encode_reply(request.id, result={"released": released})
 
     def _op_abort(self, request, arrays, identity, route, key):
         cancelled = []
@@ -813,10 +665,9 @@ class DeviceServer:
         self._jobs_of[job.identity] -= 1
         if self._jobs_of[job.identity] <= 0:
             del self._jobs_of[job.identity]
-        if job.identity == self._holder:
-            self._last_seen = time.monotonic()
+        self._lock.touch(job.identity)
         self._send(job.route, frames)  # first: the bookkeeping below is not the client's wait
-        self._remember(job.key, job.op, frames)
+        self._cache.remember(job.key, job.op, frames)
         error = summary.get("error") if summary else None
         if error is not None:
             self._note_error(error, job.op)
@@ -835,13 +686,14 @@ class DeviceServer:
         with self._jobs_lock:
             running = self._running
             queued = len(self._queue)
-        remaining = self._lease_remaining()
-        lock = {"held": self._holder is not None,
-                "holder": identity_hash(self._holder) if self._holder else None,
-                "lease_s": self._holder_lease if self._holder else None,
+        remaining = self._lock.remaining()
+        holder = self._lock.holder
+        lock = {"held": holder is not None,
+                "holder": identity_hash(holder) if holder else None,
+                "lease_s": self._lock.lease_s if holder else None,
                 "lease_remaining_s": None if remaining is None else round(remaining, 3)}
         if identity is not None:
-            lock["you"] = identity == self._holder
+            lock["you"] = identity == holder
         run_info = None
         rows = self._rows_done
         if running is not None:
@@ -877,7 +729,7 @@ class DeviceServer:
                 self._publish(b"status", self._status(None))
 
     def _reload_allow_list(self, now: float) -> None:
-        from labpnn import security
+        from labpnn.remote import security
 
         self._keys_due = now + 1.0
         seen = security.allow_list_signature(self._curve.authorized)
@@ -1001,76 +853,4 @@ def _software() -> str:
         return SERVER_SOFTWARE
 
 
-# -- CLI ---------------------------------------------------------------------------------------------
-def cli_serve(parser):
-    parser.add_argument("--config", required=True, metavar="RIG.toml", help="rig configuration file")
-    parser.add_argument("--bind", help="request socket address (default: [server] bind)")
-    parser.add_argument("--publish", help="live stream address, '' to disable (default: [server] publish)")
-    parser.add_argument("--insecure", action="store_true",
-                        help="allow a non-loopback address without CURVE (anyone on the network can drive the rig)")
-    parser.add_argument("--curve-keys", metavar="DIR",
-                        help="CURVE keys: DIR/server.key_secret and DIR/authorized/*.key (client public keys)")
-    parser.add_argument("--publish-traces", action="store_true", help="attach full traces to the live stream")
-    parser.add_argument("--record", metavar="DIR", help="record every batch served into a session in DIR")
-
-    def handler(args) -> int:
-        import sys
-
-        from labpnn.config import build_rig, load_config
-
-        try:
-            config = load_config(args.config)
-        except ConfigError as exc:
-            print(f"labpnn serve: {exc}", file=sys.stderr)
-            return 2
-        try:
-            rig = build_rig(config)
-        except (ConfigError, ValueError) as exc:
-            print(f"labpnn serve: {exc}", file=sys.stderr)
-            return 2
-        connect = getattr(rig, "connect", None)
-        if connect is not None:
-            connect()
-        system = rig
-        if args.record:  # a lab-side record of everything the rig does, whoever asks
-            from labpnn.session import record_to
-
-            system = record_to(args.record, rig, name=config.name, on_write_error="warn")
-            print(f"labpnn serve: recording to {system.writer.path}", flush=True)
-        try:
-            try:
-                server = DeviceServer(system, config.server, bind=args.bind, publish=args.publish,
-                                      insecure=args.insecure, curve_keys=args.curve_keys, name=config.name,
-                                      publish_traces=args.publish_traces)
-            except (InsecureBind, FileNotFoundError, ValueError) as exc:
-                print(f"labpnn serve: {exc}", file=sys.stderr)
-                return 2
-            _serve_cli(server)
-        finally:
-            close = getattr(system, "close", None)
-            if close is not None:
-                close()
-        return 0
-
-    return handler
-
-
-def _serve_cli(server: DeviceServer) -> None:
-    import sys
-
-    def announce():
-        server._ready.wait()
-        if server._start_error is None:
-            print(f"labpnn serve: {server.name} listening on {server.address}"
-                  + (f", live stream on {server.publish_address}" if server.publish_address else "")
-                  + (" (CURVE)" if server._curve else ""), flush=True)
-            sys.stdout.flush()
-
-    threading.Thread(target=announce, daemon=True).start()
-    try:
-        server.serve_forever()
-    except zmq.ZMQError as exc:
-        raise SystemExit(f"labpnn serve: cannot bind: {exc}") from None
-
-
-__all__ = ["DeviceServer", "InsecureBind", "SystemAdapter", "cli_serve", "identity_hash", "is_loopback"]
+__all__ = ["DeviceServer", "InsecureBind", "SystemAdapter", "identity_hash", "is_loopback"]

@@ -1,0 +1,523 @@
+"""Train a physical neural network on a physical system: PAT or in-silico, with every pass counted.
+
+``train(system, dataset, method="pat", ...)`` does the whole job:
+
+1. wraps the system in a `PassCounter` (physical passes by kind: calibration, train, validation,
+   test — a pass is one row of controls run on the rig) and, with ``session=``, a
+   `RecordingSystem`, so every batch lands in the session under the matching tag;
+2. builds the network (`make_network` -> `labpnn.training.network.build_network`);
+3. without a ``twin``: a calibration sweep (`labpnn.twin.calibrate`: half uniform, half jittered around
+   the controls the initial network sends, plus repeats for the noise floor; tag
+   ``calibration``/``noise``) and a twin fitted to it (`labpnn.twin.fit_twin`);
+4. initialises the network from a twin forward of the training set (no physical pass): pooling
+   bins re-placed so each pooled output starts with the same mean intensity, affine maps
+   standardising the hidden features;
+5. trains with Adam on minibatches — ``method="pat"``: physics forward, twin backward
+   (`labpnn.training.pat.PATForward`); ``method="insilico"``: the twin alone, zero training passes;
+   parameters are projected back into the control range after every step;
+6. after every epoch evaluates the validation split **on the physics** and keeps the best model
+   (highest validation accuracy, then lowest validation loss); checkpoints (and ``resume=``);
+7. evaluates the test split **once, on the physics**, with the selected model (and, for
+   reference, on the twin: the sim-to-real gap);
+8. writes ``report.json`` and PNGs (learning curves, confusion matrix, twin vs measured traces) to
+   ``report_dir``.
+
+``online_twin=True`` (PAT only) refines the twin in the background from every training batch
+measured (`labpnn.twin.online.OnlineTwinFitter`, fed without ever blocking the training loop; PAT's
+backward uses the newest snapshot through `labpnn.training.pat.LiveTwin`). The fitter's drift alarms are
+logged in the session, the fitter raises its own learning rate for a while, and the trainer
+measures a small recalibration batch around the current operating point (tag ``calibration``)
+and feeds it to the fitter.
+
+Duty cycle: the rig's busy time (the device server's ``busy_s`` when the system is a
+`RigClient`, else the measurements' own ``busy_s``) over the wall time of the training steps
+(online refinement included; calibration and evaluation excluded), reported per run. A PAT step
+is one physical call per layer for the whole minibatch; the trainer's own work between calls
+(twin VJP, optimiser step, feeding the fitter) is a few milliseconds, so at a real bench's
+latency (~20 ms settle + ~200 ms sweep per row) the rig is busy > 99 % of the time.
+Optional pipelining (``chunk_rows``): a minibatch is split into chunks run by ``in_flight``
+worker threads, each doing its chunk's forward (physics) and backward (twin VJP), with the
+gradients summed in chunk order before one optimiser step (the same gradient as the whole
+minibatch); with a `RigClient` the next chunk is queued at the server while the VJP of the
+previous one runs. It pays off only when the rig is remote and a row takes about as long as the
+trainer's per-step work; with the emulators in the same process it is slower (GIL), so it is off
+by default.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from labpnn.contract import PhysicalSystem
+from labpnn.training.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint, twin_path
+from labpnn.training.counting import KINDS, FirstMeasurement, PassCounter, server_busy
+from labpnn.training.datasets import Dataset, load_dataset, logistic_baseline
+from labpnn.training.network import PhysicalNetwork, build_network
+from labpnn.training.pat import LiveTwin, PATForward, PhysicsForward, TwinForward
+from labpnn.twin.model import jsonable
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CHECKPOINT_FORMAT", "KINDS", "TrainResult", "TrainSettings", "calibrate_and_fit", "confusion_matrix",
+           "evaluate", "make_network", "operating_controls", "train"]
+
+
+# -- calibration and twin ----------------------------------------------------------------------------
+def _bar(total: int, desc: str, unit: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, leave=False)
+
+
+def calibrate_and_fit(system: PhysicalSystem, n_rows: int, *, writer=None, centres: np.ndarray | None = None,
+                      near_fraction: float = 0.5, jitter: float = 0.08, seed: int = 0, twin_seconds: float = 120.0,
+                      progress: bool = False):
+    """Measure a calibration sweep (``labpnn.twin.calibrate``: uniform rows, plus ``near_fraction`` of
+    them jittered around ``centres`` — the controls the initial network sends — and repeats for
+    the noise floor) and fit a twin to it. Returns ``(twin, fit report dict, (controls, traces))``."""
+    from labpnn.twin.calibrate import calibrate, near_sampler
+    from labpnn.twin.fit import fit_twin
+
+    sampler = near_sampler(centres, jitter) if centres is not None and near_fraction > 0 else None
+    cal = calibrate(system, n_rows, writer, seed=seed, sampler=sampler, sampler_fraction=near_fraction,
+                    progress=progress, keep_data=True)
+    noise = cal.tags == "noise"
+    twin, report = fit_twin(cal.controls, cal.traces, noise_mask=noise, noise_var=cal.noise_var,
+                            max_seconds=twin_seconds, seed=seed, progress=progress)
+    fit = {k: v for k, v in report.to_dict().items() if k not in ("history", "data")}
+    return twin, fit, (cal.controls, cal.traces)
+
+
+# -- settings and results ------------------------------------------------------------------------------
+@dataclass
+class TrainSettings:
+    method: str = "pat"  #: "pat" | "insilico"
+    layers: int = 1
+    epochs: int = 60
+    batch_size: int = 16
+    lr: float = 0.05
+    lr_schedule: str = "constant"  #: "constant" | "cosine" (decays to lr / 20 at the last epoch)
+    clip: float | None = None  #: clip the gradient's global norm to this (None: no clipping)
+    seed: int = 0
+    hidden: int | None = None  #: pooled features between layers (default: the dataset's feature count)
+    repeat: int = 3  #: control channels per input feature
+    layout: str = "grouped:0.15-0.85"  #: first layer's channel layout (`labpnn.training.network.assign_channels`)
+    hidden_layout: str | None = None  #: deeper layers' layout (default: ``layout``)
+    encoding: str = "sigmoid"
+    pooling: str = "equal-mass"
+    readout: str = "physical"  #: "physical" (argmax of pooled outputs) | "hybrid" (digital classifier)
+    control_range: tuple[float, float] = (0.0, 1.0)
+    theta_init: tuple[float, float] = (0.0, 1.0)  #: initial parameters, uniform in this fraction of the range
+    target: float = 0.95  #: validation accuracy whose first crossing is reported in training passes
+    online_twin: bool = False
+    chunk_rows: int = 0  #: PAT pipelining: rows per chunk (0: the whole minibatch in one pass)
+    in_flight: int = 2  #: chunks in flight (worker threads) when chunk_rows > 0
+    calibration_rows: int = 4000
+    twin_seconds: float = 120.0
+    eval_batch: int = 256
+    max_train_passes: int | None = None  #: stop after the epoch that crosses this budget
+    recalibration_rows: int = 128  #: rows measured near the operating point after a drift alarm
+
+
+@dataclass
+class TrainResult:
+    network: PhysicalNetwork
+    test_accuracy: float
+    val_accuracy: float
+    best_epoch: int
+    passes: dict[str, int]
+    passes_to_target: int | None
+    history: list[dict[str, float]]
+    settings: dict[str, Any]
+    dataset: dict[str, Any]
+    confusion: list[list[int]]
+    twin_test_accuracy: float | None = None  #: the same model evaluated on the twin (the sim-to-real gap)
+    digital_baseline: dict[str, float] | None = None
+    duty_cycle: dict[str, float] | None = None
+    report_dir: str | None = None
+    session: str | None = None
+    seconds: float = 0.0
+    twin_fit: dict[str, Any] | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k not in ("network", "history")}
+        d["network"] = self.network.name
+        return d
+
+
+def make_network(n_controls: int, n_outputs: int, ds: Dataset, settings: TrainSettings) -> PhysicalNetwork:
+    """The network `train` uses (before its data-informed initialisation). On a system with few
+    channels the repeat count is lowered so that at least a quarter of the channels stay free for
+    parameters, and a layout span that cannot hold the inputs is widened to the whole band."""
+    widest = max(ds.n_features, settings.hidden or ds.n_features)
+    repeat = max(1, min(settings.repeat, (n_controls * 3 // 4) // widest))
+    layout, hidden_layout = settings.layout, settings.hidden_layout or settings.layout
+    for attempt, hidden_attempt in ((layout, hidden_layout), (layout.partition(":")[0], hidden_layout.partition(":")[0])):
+        try:
+            return build_network(n_controls, ds.n_features, ds.n_classes, layers=settings.layers,
+                                 hidden=settings.hidden, repeat=repeat, n_outputs=n_outputs, layout=attempt,
+                                 hidden_layout=hidden_attempt,
+                                 control_range=settings.control_range, encoding=settings.encoding,
+                                 pooling_mode=settings.pooling, readout=settings.readout,
+                                 theta_init=settings.theta_init, seed=settings.seed)
+        except ValueError:
+            if attempt != layout or ":" not in layout + hidden_layout:
+                raise
+            log.info("layout %s does not fit %d channels: spreading the inputs over the whole band", layout, n_controls)
+    raise AssertionError("unreachable")
+
+
+def operating_controls(system: PhysicalSystem, ds: Dataset, settings: TrainSettings) -> np.ndarray:
+    """Controls a freshly built network would send (to steer a calibration sweep toward them)."""
+    d = system.describe()
+    net = make_network(int(d["n_controls"]), int(d["n_outputs"]), ds, settings)
+    return _operating_controls(net, torch.from_numpy(ds.X_train), seed=settings.seed)
+
+
+# -- evaluation ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(net: PhysicalNetwork, X: np.ndarray, y: np.ndarray, through, *, batch: int = 256):
+    """``(accuracy, mean cross-entropy, predictions)`` of ``net`` on ``(X, y)`` run ``through``."""
+    preds, losses = [], []
+    for i in range(0, len(X), batch):
+        logits = net(torch.as_tensor(X[i:i + batch]), through)
+        preds.append(logits.argmax(1).numpy())
+        losses.append(float(nn.functional.cross_entropy(logits, torch.as_tensor(y[i:i + batch]),
+                                                        reduction="sum")))
+    pred = np.concatenate(preds)
+    return float((pred == y).mean()), float(sum(losses) / len(y)), pred
+
+
+def confusion_matrix(y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
+    cm = np.zeros((n_classes, n_classes), np.int64)
+    np.add.at(cm, (y, pred), 1)
+    return cm
+
+
+# -- the training loop --------------------------------------------------------------------------------
+def train(system: PhysicalSystem, dataset: Dataset | str | Path = "vowels", *, method: str = "pat",
+          twin=None, layers: int = 1, epochs: int = 60, seed: int = 0, session: str | Path | None = None,
+          report_dir: str | Path | None = None, online_twin: bool = False, checkpoint: str | Path | None = None,
+          resume: str | Path | None = None, progress: bool = True, calibration=None,
+          **options: Any) -> TrainResult:
+    """Train a ``layers``-deep physical network on ``system`` (see the module docstring).
+
+    ``twin``: a `labpnn.twin.Twin` (or a path to one); None calibrates and fits one (with
+    ``resume``: the twin saved next to the checkpoint). ``calibration``: ``(controls, traces)``
+    the twin was fitted on, replayed by the online twin fitter.
+    ``options``: any `TrainSettings` field (batch_size, lr, hidden, repeat, readout, target,
+    chunk_rows, in_flight, calibration_rows, twin_seconds, ...)."""
+    settings = TrainSettings(method=method, layers=layers, epochs=epochs, seed=seed, online_twin=online_twin,
+                             **options)
+    if settings.method not in ("pat", "insilico"):
+        raise ValueError(f"unknown method {settings.method!r} (have: pat, insilico)")
+    ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset, seed=seed)
+    torch.manual_seed(seed)
+    with _Run(system, ds, settings, session=session) as run:
+        net = make_network(int(run.describe["n_controls"]), int(run.describe["n_outputs"]), ds, settings)
+        twin, calibration = run.twin(twin, net, resume=resume, calibration=calibration, progress=progress)
+        net.init_affine(run.X, TwinForward(twin), repool=settings.pooling)
+        opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
+        state = _State.start(net, seed, run.counter) if resume is None else _State.resume(resume, net, opt, run)
+        with run.forwards(twin, calibration) as (train_forward, pool):
+            bar = run.bar(settings.epochs - state.epoch, progress)
+            for epoch in range(state.epoch + 1, settings.epochs + 1):
+                loss, acc = _epoch(net, opt, run, train_forward, pool, state, epoch)
+                run.handle_alarms(net)
+                with run.counter.counting("validation"):
+                    val_acc, val_loss, _ = evaluate(net, ds.X_val, ds.y_val, run.physics, batch=settings.eval_batch)
+                state.record(net, epoch, loss, acc, val_acc, val_loss, run, bar)
+                if checkpoint is not None:
+                    save_checkpoint(checkpoint, net, opt, epoch, state.history, state.best, state.passes_to_target,
+                                    state.gen, run.counter, state.duty, settings, ds, run.fitter or twin)
+                if settings.max_train_passes is not None and run.counter.passes["train"] >= settings.max_train_passes:
+                    run.event("budget", f"stopped after epoch {epoch}: {run.counter.passes['train']} training passes")
+                    break
+        return run.finish(net, state, report_dir=report_dir)
+
+
+def _epoch(net, opt, run: _Run, forward, pool, state: _State, epoch: int) -> tuple[float, float]:
+    """One pass over the training set in minibatches; returns (mean loss, accuracy). Books the
+    rig's busy time and the wall time in ``state.duty``."""
+    settings = run.settings
+    if settings.lr_schedule == "cosine":
+        frac = (epoch - 1) / max(1, settings.epochs - 1)
+        for group in opt.param_groups:
+            group["lr"] = settings.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+    perm = torch.randperm(len(run.X), generator=state.gen)
+    params = [p for p in net.parameters() if p.requires_grad]
+    loss_sum = correct_sum = 0.0
+    busy0, busy_meas0 = server_busy(run.counter), run.counter.busy_s["train"]
+    started = time.perf_counter()
+    with run.counter.counting("train"):
+        for i in range(0, len(perm), settings.batch_size):
+            idx = perm[i:i + settings.batch_size]
+            loss, correct, grads = _step_gradients(net, params, run.X, run.y, idx, forward, settings.chunk_rows, pool)
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+            if settings.clip:
+                nn.utils.clip_grad_norm_(params, settings.clip)
+            opt.step()
+            net.project_()
+            loss_sum += loss
+            correct_sum += correct
+    busy1 = server_busy(run.counter)
+    state.duty["wall_s"] += time.perf_counter() - started
+    state.duty["busy_s"] += (busy1 - busy0 if busy0 is not None and busy1 is not None
+                             else run.counter.busy_s["train"] - busy_meas0)
+    return loss_sum / len(perm), correct_sum / len(perm)
+
+
+@dataclass
+class _State:
+    """What an epoch leaves behind, and what a checkpoint keeps: history, the best model so far
+    (highest validation accuracy, then lowest validation loss), the passes to the target, the
+    shuffling generator, the duty-cycle sums and the last epoch done."""
+
+    history: list[dict[str, float]]
+    best: dict[str, Any]
+    passes_to_target: int | None
+    gen: torch.Generator
+    duty: dict[str, Any]
+    epoch: int = 0
+
+    @classmethod
+    def start(cls, net: PhysicalNetwork, seed: int, counter: PassCounter) -> _State:
+        return cls([], {"acc": -1.0, "loss": math.inf, "epoch": 0, "state": copy.deepcopy(net.state_dict())}, None,
+                   torch.Generator().manual_seed(seed),
+                   {"busy_s": 0.0, "wall_s": 0.0,
+                    "source": "server" if server_busy(counter) is not None else "measurements"})
+
+    @classmethod
+    def resume(cls, path: str | Path, net: PhysicalNetwork, opt, run: _Run) -> _State:
+        ck = load_checkpoint(path)
+        net.load_state_dict(ck["network"])
+        opt.load_state_dict(ck["optimizer"])
+        state = cls.start(net, run.settings.seed, run.counter)
+        state.history, state.best, state.passes_to_target = ck["history"], ck["best"], ck["passes_to_target"]
+        state.epoch = int(ck["epoch"])
+        state.gen.set_state(ck["generator"])
+        for kind, n in ck["passes"].items():
+            run.counter.passes[kind] = run.counter.passes.get(kind, 0) + int(n)
+        state.duty = ck.get("duty", state.duty)
+        run.event("resume", f"resumed from {path} after epoch {state.epoch}")
+        return state
+
+    def record(self, net, epoch, loss, acc, val_acc, val_loss, run: _Run, bar) -> None:
+        passes = run.counter.passes
+        self.epoch = epoch
+        self.history.append({"epoch": epoch, "train_loss": loss, "train_acc": acc, "val_acc": val_acc,
+                             "val_loss": val_loss, "train_passes": passes["train"],
+                             "eval_passes": passes["validation"], "seconds": time.perf_counter() - run.started})
+        if self.passes_to_target is None and val_acc >= run.settings.target:
+            self.passes_to_target = passes["train"]
+        if val_acc > self.best["acc"] or (val_acc == self.best["acc"] and val_loss < self.best["loss"]):
+            self.best = {"acc": val_acc, "loss": val_loss, "epoch": epoch, "state": copy.deepcopy(net.state_dict())}
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_acc:.3f}", passes=passes["train"])
+
+
+class _Run:
+    """The surroundings of one training run: the session it records to, the pass counter, the
+    event log, the twin (given, resumed or calibrated and fitted), the online fitter, and the end:
+    model selection, the one test on the physics, the report."""
+
+    def __init__(self, system: PhysicalSystem, ds: Dataset, settings: TrainSettings, *,
+                 session: str | Path | None):
+        self.system, self.ds, self.settings, self.session = system, ds, settings, session
+        self.started = time.perf_counter()
+        self.events: list[dict[str, Any]] = []
+        self.writer = None
+        self.fitter = None
+        self.twin_fit: dict[str, Any] | None = None
+        self.base_twin = None
+        base: PhysicalSystem = system
+        if session is not None:
+            from labpnn.sessions import RecordingSystem, SessionWriter, provenance
+
+            Path(session).parent.mkdir(parents=True, exist_ok=True)
+            self.writer = SessionWriter(session, system.describe(),
+                                        provenance={**provenance(seeds={"train": settings.seed, "split": ds.seed}),
+                                                    "training": jsonable(asdict(settings)), "dataset": ds.summary()})
+            base = RecordingSystem(system, self.writer, tag="train")
+        # the online fitter never stalls training: a batch it has no room for is dropped (it logs that)
+        self.counter = PassCounter(base, on_train=lambda m: self.fitter.feed(m.applied, m.traces, block=False)
+                                   if self.fitter is not None else None)
+        self.physics = PhysicsForward(self.counter)
+        self.describe = self.counter.describe()
+        self.X, self.y = torch.from_numpy(ds.X_train), torch.from_numpy(ds.y_train)
+
+    def __enter__(self) -> _Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def event(self, kind: str, message: str, **data: Any) -> None:
+        self.events.append({"time": time.time(), "kind": kind, "message": message, **jsonable(data)})
+        log.info("%s: %s", kind, message)
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                self.writer.event(kind, message, **jsonable(data))
+
+    def bar(self, epochs: int, enabled: bool):
+        return _bar(epochs, f"train {self.settings.method}", "epoch", enabled)
+
+    def twin(self, twin, net: PhysicalNetwork, *, resume, calibration, progress: bool):
+        """The twin to train with (given, saved next to the checkpoint being resumed, or calibrated
+        and fitted now), in eval mode, frozen as a snapshot; and the calibration it was fitted on."""
+        if twin is None and resume is not None and twin_path(resume).exists():
+            twin = twin_path(resume)
+        if isinstance(twin, (str, Path)):
+            from labpnn.twin.model import load_twin
+
+            twin = load_twin(twin)
+        if twin is None:
+            cal_counter = PassCounter(self.system)  # calibrate() records into the session itself
+            with cal_counter.counting("calibration"):
+                twin, self.twin_fit, calibration = calibrate_and_fit(
+                    cal_counter, self.settings.calibration_rows, writer=self.writer,
+                    centres=_operating_controls(net, self.X), seed=self.settings.seed,
+                    twin_seconds=self.settings.twin_seconds, progress=progress)
+            self.counter.passes["calibration"] += cal_counter.passes["calibration"]
+            self.counter.busy_s["calibration"] += cal_counter.busy_s["calibration"]
+            self.event("twin_fit", f"twin fitted on {len(calibration[0])} calibration rows",
+                       holdout_nmse=self.twin_fit.get("holdout_nmse"), noise_ratio=self.twin_fit.get("noise_ratio"))
+        twin.eval()
+        self.base_twin = twin.snapshot() if hasattr(twin, "snapshot") else twin
+        return self.base_twin, calibration
+
+    @contextlib.contextmanager
+    def forwards(self, twin, calibration):
+        """``(training forward, chunk pool)``: PAT (physics forward, twin backward through the
+        online fitter's newest twin when ``online_twin``) or the twin alone (in-silico)."""
+        settings = self.settings
+        live_twin: nn.Module = twin
+        if settings.online_twin and settings.method == "pat":
+            from labpnn.twin.online import OnlineTwinFitter
+
+            self.fitter = OnlineTwinFitter(twin, writer=self.writer, replay=calibration, seed=settings.seed)
+            live_twin = LiveTwin(self.fitter)
+            self.fitter.start()
+            self.event("online_twin", "online twin refinement on")
+        pool = (ThreadPoolExecutor(max_workers=max(1, settings.in_flight), thread_name_prefix="pat-chunk")
+                if settings.method == "pat" and settings.chunk_rows > 0 else None)
+        try:
+            yield (PATForward(self.counter, live_twin) if settings.method == "pat" else TwinForward(twin)), pool
+        finally:
+            if pool is not None:
+                pool.shutdown()
+            if self.fitter is not None:
+                self.fitter.stop()
+                self.base_twin = self.fitter.twin
+
+    def handle_alarms(self, net: PhysicalNetwork) -> None:
+        _handle_alarms(self.fitter, self.counter, net, self.X, self.settings.recalibration_rows, self.event,
+                       self.settings.seed)
+
+    def finish(self, net: PhysicalNetwork, state: _State, *, report_dir: str | Path | None) -> TrainResult:
+        """Select the best-validation model, evaluate it once on the physics (and on the twin, for
+        the sim-to-real gap), write the report."""
+        from labpnn.training.report import write_report
+
+        settings, ds, counter = self.settings, self.ds, self.counter
+        net.load_state_dict(state.best["state"])
+        capture = FirstMeasurement(counter)
+        with counter.counting("test"):
+            test_acc, _, pred = evaluate(net, ds.X_test, ds.y_test, PhysicsForward(capture), batch=settings.eval_batch)
+        twin_acc, _, _ = evaluate(net, ds.X_test, ds.y_test, TwinForward(self.base_twin), batch=settings.eval_batch)
+        duty = state.duty
+        result = TrainResult(
+            network=net, test_accuracy=test_acc, val_accuracy=float(state.best["acc"]),
+            best_epoch=int(state.best["epoch"]), passes=dict(counter.passes), passes_to_target=state.passes_to_target,
+            history=state.history, settings=jsonable(asdict(settings)), dataset=ds.summary(),
+            confusion=confusion_matrix(ds.y_test, pred, ds.n_classes).tolist(), twin_test_accuracy=twin_acc,
+            digital_baseline=logistic_baseline(ds),
+            duty_cycle=({**duty, "duty_cycle": duty["busy_s"] / duty["wall_s"] if duty["wall_s"] else None}
+                        if settings.method == "pat" else None),
+            report_dir=str(report_dir) if report_dir is not None else None,
+            session=str(self.session) if self.session is not None else None,
+            seconds=time.perf_counter() - self.started, twin_fit=self.twin_fit, events=self.events)
+        self.event("test", f"test accuracy on the physics {test_acc:.4f} ({settings.method}, {settings.layers} layer(s))",
+                   accuracy=test_acc, passes=dict(counter.passes))
+        if report_dir is not None:
+            write_report(result, report_dir, traces=capture.first, twin=self.base_twin, class_names=ds.class_names,
+                         provenance_seeds={"train": settings.seed, "split": ds.seed},
+                         axis=counter.describe().get("axis"))
+        return result
+
+
+def _step_gradients(net, params, X, y, idx, through, chunk_rows, pool):
+    """One minibatch: (sum of losses, number correct, gradient of the mean loss per parameter).
+    With ``pool`` the minibatch runs as chunks in parallel; gradients are summed in chunk order."""
+    n = len(idx)
+    if pool is None or chunk_rows <= 0 or chunk_rows >= n:
+        return _chunk(net, params, X, y, idx, through, n)
+    futures = [pool.submit(_chunk, net, params, X, y, idx[i:i + chunk_rows], through, n)
+               for i in range(0, n, chunk_rows)]
+    results = [f.result() for f in futures]
+    grads = [sum(r[2][k] for r in results) for k in range(len(params))]
+    return sum(r[0] for r in results), sum(r[1] for r in results), grads
+
+
+def _chunk(net, params, X, y, idx, through, n_total):
+    logits = net(X[idx], through)
+    loss = nn.functional.cross_entropy(logits, y[idx], reduction="sum")
+    grads = torch.autograd.grad(loss / n_total, params, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+    correct = float((logits.argmax(1) == y[idx]).sum())
+    return float(loss.detach()), correct, grads
+
+
+def _operating_controls(net: PhysicalNetwork, X: torch.Tensor, *, seed: int = 0) -> np.ndarray:
+    """Controls the network sends now: layer 1 encodes the training set; deeper layers encode
+    standard-normal features (their inputs after the affine maps are standardised)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    with torch.no_grad():
+        for i, layer in enumerate(net.layers):
+            z = X if i == 0 else torch.randn(len(X), layer.n_in, generator=gen)
+            rows.append(layer.encode(z).numpy())
+    return np.concatenate(rows).astype(np.float32)
+
+
+def _handle_alarms(fitter, counter: PassCounter, net, X, rows: int, event, seed: int) -> None:
+    """React to the online fitter's drift alarms: log them and measure a small recalibration batch
+    around the current operating point (tag ``calibration``), fed to the fitter. The fitter also
+    raises its own learning rate for a while after an alarm."""
+    alarms = getattr(fitter, "alarms", None) if fitter is not None else None
+    if alarms is None:
+        return
+    pending = []
+    with contextlib.suppress(Exception):
+        while True:
+            pending.append(alarms.get_nowait())
+    if not pending:
+        return
+    for alarm in pending:
+        event("drift_reaction", f"drift alarm: {getattr(alarm, 'message', alarm)}; recalibrating {rows} rows")
+    if rows <= 0:
+        return
+    rng = np.random.default_rng([seed, len(pending), counter.passes["calibration"]])
+    centres = _operating_controls(net, X, seed=int(rng.integers(1 << 30)))
+    batch = centres[rng.integers(0, len(centres), rows)]
+    batch = np.clip(batch + 0.05 * rng.standard_normal(batch.shape), 0, 1).astype(np.float32)
+    with counter.counting("calibration"):
+        m = counter.measure(batch)
+    fitter.feed(m.applied, m.traces)
