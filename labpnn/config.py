@@ -98,7 +98,51 @@ class OpticalRigSection(Strict):
     osa: OSASection
 
 
-RigSection = Annotated[TestRigSection | OpticalRigSection, Field(discriminator="kind")]
+class MetasurfaceSection(Strict):
+    """A metasurface controller on a serial line (the open-source RIS protocol): control j in [0, 1]
+    drives meta-atom bits ``atoms[j * k:(j + 1) * k]``, quantised to ``2**k`` levels
+    (``k = bits_per_control``; 1: one binary meta-atom per control)."""
+
+    port: str  #: a serial device (/dev/ttyACM0, COM3) or a pyserial URL (socket://host:port)
+    baud: int = Field(115200, gt=0)
+    n_bits: int = Field(256, gt=0, le=4096)
+    #: controller bits wired to meta-atoms, in control order (default: the first ones)
+    atoms: list[int] | None = None
+    bits_per_control: int = Field(1, ge=1, le=8)
+    #: the safe state and the value of every unlisted bit: hex digits or None (all zeros)
+    default_pattern: str | None = None
+    settle_s: float = Field(0.002, ge=0)
+    verify: bool = True  #: read the pattern back after every write
+    timeout_s: float = Field(0.5, gt=0)
+    retries: int = Field(0, ge=0, le=5)
+
+
+class VNASection(Strict):
+    """A vector network analyser measuring S21 (Keysight PNA or R&S ZNB SCPI over PyVISA)."""
+
+    resource: str
+    dialect: Literal["pna", "znb"] = "pna"
+    start_hz: float = Field(gt=0)
+    stop_hz: float = Field(gt=0)
+    points: int = Field(20, ge=2, le=100001)
+    if_bandwidth_hz: float = Field(10e3, gt=0)
+    power_dbm: float = Field(-10.0, ge=-90, le=20)
+    #: "db": |S21| in dB; "mag": |S21| linear; "reim": Re then Im (what a Touchstone export needs)
+    output: Literal["db", "mag", "reim"] = "db"
+    data_format: Literal["REAL,32", "REAL,64"] = "REAL,32"
+    byte_order: Literal["SWAP", "NORM"] = "SWAP"
+    #: some R&S models reverse the meaning of SWAP: the driver checks the byte order either way
+    swap_reversed: bool = False
+    timeout_s: float = Field(5.0, gt=0)
+
+
+class MicrowaveRigSection(Strict):
+    kind: Literal["microwave"]
+    metasurface: MetasurfaceSection
+    vna: VNASection
+
+
+RigSection = Annotated[TestRigSection | OpticalRigSection | MicrowaveRigSection, Field(discriminator="kind")]
 
 
 class RigConfig(Strict):
@@ -161,4 +205,19 @@ def build_rig(config: RigConfig):
             full_scale_w=osa.full_scale_w,
         )
         return Rig([shaper], [sensor], name=config.name)
+    if section.kind == "microwave":
+        from labpnn.drivers.metasurface import MetasurfaceActuator
+        from labpnn.drivers.vna import VNASensor
+
+        ms, vna = section.metasurface, section.vna
+        actuator = MetasurfaceActuator(
+            ms.port, n_bits=ms.n_bits, atoms=ms.atoms, bits_per_control=ms.bits_per_control,
+            default_pattern=ms.default_pattern, settle_s=ms.settle_s, verify=ms.verify, baud=ms.baud,
+            timeout_s=ms.timeout_s, retries=ms.retries)
+        sensor = VNASensor(
+            vna.resource, dialect=vna.dialect, output=vna.output, start_hz=vna.start_hz, stop_hz=vna.stop_hz,
+            points=vna.points, if_bandwidth_hz=vna.if_bandwidth_hz, power_dbm=vna.power_dbm,
+            data_format=vna.data_format, byte_order=vna.byte_order, swap_reversed=vna.swap_reversed,
+            timeout_s=vna.timeout_s)
+        return Rig([actuator], [sensor], name=config.name)
     raise ConfigError(f"rig kind {section.kind!r} is not supported")

@@ -15,6 +15,7 @@ import argparse
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 from .metasurface_controller import MetasurfaceControllerEmulator
@@ -23,6 +24,7 @@ from .vna_emulator import DIALECTS, VNAEmulator
 __all__ = ["MicrowaveBenchEmulators", "main", "DEFAULT_VNA_PORT"]
 
 DEFAULT_VNA_PORT = 18310
+DEFAULT_SERIAL_LINK = "/tmp/labpnn-metasurface"
 
 
 class MicrowaveBenchEmulators:
@@ -86,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dialect", choices=sorted(DIALECTS), default="pna", help="VNA command set")
     p.add_argument("--settle-ms", type=float, default=2.0, help="metasurface settle time after #OK (ms)")
     p.add_argument("--baud", type=int, default=115200, help="controller line rate (sets its wire time)")
+    p.add_argument("--link", default=DEFAULT_SERIAL_LINK,
+                   help="a symlink to the controller's pseudo-terminal, so a config can name a fixed port "
+                        f"(default {DEFAULT_SERIAL_LINK}; '' for none)")
+    p.add_argument("--seed", type=int, default=0, help="physics seed (noise and drift)")
+    p.add_argument("--copy-seed", type=int, default=0, help="which copy of the cavity (fabrication details; 0 nominal)")
     return p
 
 
@@ -101,19 +108,33 @@ def main(argv: list[str] | None = None) -> int:
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
         except ValueError:  # not the main thread: the caller stops us some other way
             pass
-    bench = MicrowaveBenchEmulators(vna_port=args.vna_port, settle_s=args.settle_ms / 1e3, baud=args.baud,
-                                    dialect=args.dialect, host=args.host)
+    from .metasurface_cavity import CavityConfig
+
+    bench = MicrowaveBenchEmulators(CavityConfig(seed=args.seed, copy_seed=args.copy_seed), vna_port=args.vna_port,
+                                    settle_s=args.settle_ms / 1e3, baud=args.baud, dialect=args.dialect,
+                                    host=args.host)
     try:
         bench.start()
     except OSError as exc:
         print(f"error: cannot start: {exc}", file=sys.stderr)
         return 1
+    link = None
+    if args.link:
+        link = Path(args.link)
+        if link.is_symlink() or not link.exists():
+            link.unlink(missing_ok=True)
+            link.symlink_to(bench.serial_port)
+        else:
+            print(f"error: {link} exists and is not a symlink; not replacing it", file=sys.stderr)
+            link = None
     try:
         print(f"vna {bench.vna_resource}", flush=True)
-        print(f"metasurface {bench.serial_port}", flush=True)
+        print(f"metasurface {bench.serial_port}" + (f" (also {link})" if link else ""), flush=True)
         while not stop.wait(0.5):
             pass
     finally:
+        if link is not None and link.is_symlink():
+            link.unlink(missing_ok=True)
         bench.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

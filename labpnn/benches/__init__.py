@@ -15,7 +15,8 @@ import importlib
 from types import ModuleType
 
 #: bench name -> module
-BENCHES = {"optical": "labpnn.benches.optical", "test": "labpnn.benches.testrig"}
+BENCHES = {"optical": "labpnn.benches.optical", "microwave": "labpnn.benches.microwave",
+           "test": "labpnn.benches.testrig"}
 
 
 def get_bench(name: str) -> ModuleType:

@@ -204,11 +204,12 @@ def calibrate(
             if meas.n_done and writer is not None:
                 batch_ids.append(writer.append(meas, tag=tag))
             if tag == NOISE_TAG:
-                noise_x.append(np.asarray(meas.controls[:meas.n_done], np.float32))
+                noise_x.append(np.asarray(meas.applied, np.float32))
                 noise_y.append(np.asarray(meas.traces, np.float32))
                 n_noise += meas.n_done
             if keep_data:
-                kept.append((np.asarray(meas.controls[:meas.n_done]), np.asarray(meas.traces), tag))
+                # as applied (quantised states, limits): what the twin is fitted to
+                kept.append((np.asarray(meas.applied), np.asarray(meas.traces), tag))
             done += meas.n_done
             if bar is not None:
                 bar.update(meas.n_done)

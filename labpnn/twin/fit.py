@@ -41,7 +41,7 @@ from labpnn.twin.metrics import (
     noise_variance,
     regression_metrics,
 )
-from labpnn.twin.model import Twin, jsonable
+from labpnn.twin.model import Twin, control_levels, jsonable
 
 log = logging.getLogger(__name__)
 
@@ -304,8 +304,14 @@ def fit_twin(
     progress: bool = True,
     data: list[dict[str, Any]] | None = None,
     meta: Mapping[str, Any] | None = None,
+    levels: int | str | None = "auto",
 ) -> tuple[Twin, FitReport]:
     """Fit a twin to measured ``controls [N, C] -> traces [N, S]`` and report on held-out rows.
+
+    ``controls`` are the controls as applied. ``levels="auto"`` reads off them whether the rig set
+    each control to a few states (`labpnn.twin.model.control_levels`: a binary metasurface gives
+    2); the twin then quantises its input the same way with a straight-through gradient, so
+    in-silico training and PAT see the states the physics sees. An int forces it, None turns it off.
 
     ``timestamps`` orders rows in time (default: the given order); the last ``holdout`` fraction
     (or that many rows if >= 1) is held out, ``val`` of the rest steers early stopping.
@@ -353,8 +359,10 @@ def fit_twin(
 
     device = torch.device(device)
     torch.manual_seed(seed)
+    if levels == "auto":
+        levels = control_levels(x_np)
     twin = Twin(x_np.shape[1], y_np.shape[1], width=width, depth=depth, block=block, features=features,
-                rates=rates, core=core).to(device)
+                rates=rates, core=core, levels=levels).to(device)
     twin.set_normalisation(x_np[train_idx], y_np[train_idx])
 
     def tensors(idx: np.ndarray) -> tuple[Tensor, Tensor]:
@@ -368,7 +376,7 @@ def fit_twin(
     if loss == "raw":
         var = twin.out_std ** 2
         weight = var / var.mean()
-    settings = {"width": width, "depth": depth, "core": twin.core_spec, "features": twin.features.kind,
+    settings = {"width": width, "depth": depth, "levels": twin.levels, "core": twin.core_spec, "features": twin.features.kind,
                 "rates": list(twin.features.rates), "epochs": epochs,
                 "max_seconds": max_seconds, "batch_size": batch_size, "lr": lr,
                 "weight_decay": weight_decay, "patience": patience, "loss": loss, "ema": ema, "holdout": holdout,
@@ -442,7 +450,8 @@ def load_sessions(paths: Sequence[str | Path] | str | Path, *, tags: Iterable[st
             tags_arr = np.asarray(reader.tags).astype(str)
             rows = np.arange(len(tags_arr)) if tags is None else reader.select(tags=tuple(tags))
             rows = np.asarray(rows, np.int64)
-            ctrl = np.asarray(reader.controls[rows] if len(rows) else
+            # the controls as the instruments applied them (quantised states, limits): what the twin maps
+            ctrl = np.asarray(reader.applied[rows] if len(rows) else
                               np.empty((0, int(reader.describe["n_controls"]))), np.float32)
             trc = np.asarray(reader.traces[rows] if len(rows) else
                              np.empty((0, int(reader.describe["n_outputs"]))), np.float32)

@@ -143,9 +143,15 @@ class Twin(nn.Module):
         core: nn.Module | None = None,
         core_spec: Mapping[str, Any] | None = None,
         meta: Mapping[str, Any] | None = None,
+        levels: int | None = None,
     ):
         super().__init__()
         self.n_controls, self.n_outputs = int(n_controls), int(n_outputs)
+        if levels is not None and not 2 <= int(levels) <= 256:
+            raise ValueError(f"levels must be None (continuous controls) or 2..256, got {levels}")
+        #: the rig sets each control to one of `levels` states k / (levels - 1) (a metasurface's
+        #: meta-atoms): the twin quantises its input alike, passing gradients straight through
+        self.levels = None if levels is None else int(levels)
         if features is None:
             features = "exp" if core is None else "linear"
         self.features = ControlFeatures(self.n_controls, features, rates)
@@ -185,6 +191,9 @@ class Twin(nn.Module):
         return self.core(self.features(controls))
 
     def forward(self, controls: Tensor) -> Tensor:
+        if self.levels is not None:  # straight-through: the states in the forward, identity backward
+            top = self.levels - 1
+            controls = controls + (torch.floor(controls.clamp(0, 1) * top + 0.5) / top - controls).detach()
         return self.forward_normalised(controls) * self.out_std + self.out_mean
 
     # -- conveniences ---------------------------------------------------------------------
@@ -209,7 +218,7 @@ class Twin(nn.Module):
 
     def config(self) -> dict[str, Any]:
         return {"n_controls": self.n_controls, "n_outputs": self.n_outputs, "core": dict(self.core_spec),
-                "features": self.features.kind, "rates": list(self.features.rates)}
+                "features": self.features.kind, "rates": list(self.features.rates), "levels": self.levels}
 
     def snapshot(self) -> Twin:
         """An independent frozen copy (eval mode, parameters without grad) on the same device.
@@ -257,7 +266,8 @@ def load_twin(
     config = payload["config"]
     spec = dict(config["core"])
     n_c, n_s = int(config["n_controls"]), int(config["n_outputs"])
-    feats = {"features": config.get("features", "linear"), "rates": config.get("rates") or (1.0, 3.0, 6.0)}
+    feats = {"features": config.get("features", "linear"), "rates": config.get("rates") or (1.0, 3.0, 6.0),
+             "levels": config.get("levels")}
     if spec.get("kind") == "residual_mlp":
         twin = Twin(n_c, n_s, width=spec["width"], depth=spec["depth"], block=spec.get("block", "mlp"),
                     meta=payload["meta"], **feats)
@@ -298,3 +308,17 @@ def jsonable(obj: Any) -> Any:
         return repr(o)
 
     return json.loads(json.dumps(obj, default=default, allow_nan=True))
+
+
+def control_levels(applied: Any, max_levels: int = 16) -> int | None:
+    """The number of states the rig set its controls to, read off controls as applied: L when every
+    value is one of k / (L - 1) for some L <= ``max_levels`` (a binary metasurface: 2), else None
+    (continuous, or a fine grid such as a shaper's 0.01 dB steps)."""
+    x = np.unique(np.asarray(applied, np.float64))
+    if x.size == 0 or x.size > max_levels:
+        return None
+    for levels in range(2, max_levels + 1):
+        grid = x * (levels - 1)
+        if np.allclose(grid, np.round(grid), atol=1e-5):
+            return levels
+    return None

@@ -1,0 +1,73 @@
+"""The microwave bench: a reverberant cavity reconfigured by a programmable metasurface (48 binary
+meta-atoms behind a serial controller), read by a VNA measuring S21 over 4.5-5.5 GHz — PhyLL's
+microwave system (physics: `labpnn.sim_instruments.metasurface_cavity`).
+
+Controls: one per meta-atom, in [0, 1], quantised to the atom's two states (x >= 0.5: ON); the rig
+reports the states it set as ``applied`` with the ``quantised`` flag. Outputs: |S21| in dB at 20
+frequencies (``output = "reim"`` in the config gives Re/Im, which a Touchstone export needs).
+``examples/microwave-sim.toml`` holds this rig with the emulators' default addresses,
+``examples/microwave-lab.toml`` the same drivers on a real cavity.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+from labpnn.config import build_rig, parse_config
+from labpnn.rig import Rig
+
+NAME = "microwave"
+SUMMARY = "metasurface cavity: 48 binary meta-atoms (serial controller) -> |S21| at 20 frequencies (VNA)"
+N_META = 48
+
+#: the [rig] table of examples/microwave-sim.toml, without the instruments' addresses
+RIG: dict[str, Any] = {
+    "kind": "microwave",
+    "metasurface": {"baud": 115200, "n_bits": 256, "atoms": list(range(N_META)), "bits_per_control": 1,
+                    "settle_s": 0.002, "verify": True, "timeout_s": 0.5},
+    "vna": {"dialect": "pna", "start_hz": 4.5e9, "stop_hz": 5.5e9, "points": 20, "if_bandwidth_hz": 10e3,
+            "power_dbm": -10.0, "output": "db", "data_format": "REAL,32", "byte_order": "SWAP"},
+}
+
+
+def rig_section(serial_port: str, vna_resource: str, **vna: Any) -> dict[str, Any]:
+    """The bench's [rig] table with the instruments at these addresses (``vna``: VNA overrides,
+    e.g. ``output="reim"``)."""
+    section = copy.deepcopy(RIG)
+    section["metasurface"]["port"] = serial_port
+    section["vna"].update(resource=vna_resource, **vna)
+    return section
+
+
+@contextlib.contextmanager
+def simulated_rig(*, settle_s: float = 0.0, sweep_s: float = 0.0, seed: int = 0, copy_seed: int = 0,
+                  **vna: Any) -> Iterator[Rig]:
+    """A connected `Rig` on the emulators (controller on a pseudo-terminal, VNA on a random loopback
+    port), closed and stopped on exit. The sweep time follows from points and IF bandwidth (the
+    emulator's, as a real VNA's); ``settle_s`` adds to the metasurface's own settle time;
+    ``sweep_s`` is accepted for the common bench interface and ignored."""
+    from labpnn.sim_instruments.metasurface_cavity import CavityConfig
+    from labpnn.sim_instruments.microwave_bench import MicrowaveBenchEmulators
+
+    emulators = MicrowaveBenchEmulators(CavityConfig(seed=seed, copy_seed=copy_seed),
+                                        settle_s=RIG["metasurface"]["settle_s"] + settle_s).start()
+    try:
+        config = parse_config({"name": "microwave-sim",
+                               "rig": rig_section(emulators.serial_port, emulators.vna_resource, **vna)},
+                              "microwave bench")
+        rig = build_rig(config).connect()
+        try:
+            yield rig
+        finally:
+            rig.close()
+    finally:
+        emulators.stop()
+
+
+def sim_main(argv: list[str]) -> int:
+    """``labpnn sim microwave``: the controller (pty) and VNA emulators until SIGINT/SIGTERM."""
+    from labpnn.sim_instruments.microwave_bench import main
+
+    return int(main(argv) or 0)

@@ -1,0 +1,111 @@
+"""The microwave bench as users run it: the rig kind in TOML, `labpnn sim microwave` and `labpnn serve`
+as separate processes, a `RigClient`; binary controls reported as the states set; a twin that
+quantises like the rig."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tomllib
+
+from labpnn.benches import get_bench
+from labpnn.config import load_config, parse_config
+from labpnn.drivers.roles import FLAG_QUANTISED
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_example_is_the_bench_rig():
+    example = load_config(REPO / "examples" / "microwave-sim.toml").rig.model_dump()
+    bench = get_bench("microwave")
+    served = parse_config({"rig": bench.rig_section(example["metasurface"]["port"], example["vna"]["resource"])})
+    assert served.rig.model_dump() == example
+    assert len(example["metasurface"]["atoms"]) == bench.N_META >= 40
+
+
+def test_binary_controls_come_back_as_the_states_set():
+    x = np.random.default_rng(1).random((6, 48), dtype=np.float32)
+    x[0, :3] = [0.49, 0.5, 0.51]
+    with get_bench("microwave").simulated_rig(seed=1) as rig:
+        m = rig.measure(x)
+        d = rig.describe()
+    assert m.error is None and m.traces.shape == (6, 20) and d["axis"]["unit"] == "Hz"
+    np.testing.assert_array_equal(m.applied, (x >= 0.5).astype(np.float32))
+    assert (m.flags & FLAG_QUANTISED).all()
+    assert np.isfinite(m.traces).all() and (m.traces < 0).all()  # |S21| in dB of a passive cavity
+    assert np.ptp(m.traces, axis=0).max() > 3  # the configuration matters
+
+
+def test_the_twin_learns_the_rig_quantises_and_passes_gradients_straight_through():
+    import torch
+
+    from labpnn.twin.fit import fit_twin
+    from labpnn.twin.model import control_levels
+
+    assert control_levels(np.array([[0, 1], [1, 1]], np.float32)) == 2
+    assert control_levels(np.array([[0, 1 / 3], [2 / 3, 1]], np.float32)) == 4
+    assert control_levels(np.random.default_rng(0).random((50, 4))) is None
+    rng = np.random.default_rng(0)
+    states = (rng.random((300, 6)) >= 0.5).astype(np.float32)
+    traces = np.stack([states @ rng.normal(size=6), (states[:, 0] * states[:, 1])], 1).astype(np.float32)
+    twin, _ = fit_twin(states, traces, max_seconds=5, epochs=30, width=32, depth=1, progress=False)
+    assert twin.levels == 2
+    x = torch.tensor([[0.4, 0.6, 0.2, 0.9, 0.5, 0.51]], requires_grad=True)
+    y = twin(x)
+    torch.testing.assert_close(y, twin(torch.tensor([[0.0, 1, 0, 1, 1, 1]])))  # the states, not the values
+    y.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # straight through the rounding
+
+
+@pytest.mark.slow
+def test_sim_microwave_and_serve_as_separate_processes(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    link = tmp_path / "ris"
+    sim = subprocess.Popen([sys.executable, "-m", "labpnn", "sim", "microwave", "--vna-port", "0", "--link", str(link)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    serve = None
+    try:
+        vna = sim.stdout.readline().split()[1]
+        assert sim.stdout.readline().startswith("metasurface /dev/pts/") and link.is_symlink()
+        config = tomllib.loads((REPO / "examples" / "microwave-sim.toml").read_text())
+        config["rig"]["metasurface"]["port"] = str(link)
+        config["rig"]["vna"]["resource"] = vna
+        config["server"] = {"bind": "tcp://127.0.0.1:0", "publish": ""}
+        path = tmp_path / "rig.toml"
+        path.write_text(_toml(config))
+        serve = subprocess.Popen([sys.executable, "-m", "labpnn", "serve", "--config", str(path)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        line = serve.stdout.readline()
+        assert "listening on tcp://" in line, line + serve.stderr.read()
+        from labpnn.remote.client import RigClient
+
+        with RigClient(line.split("listening on ")[1].split()[0].rstrip(",")) as client:
+            x = np.random.default_rng(3).random((3, 48), dtype=np.float32)
+            m = client.measure(x)
+            assert m.error is None and m.traces.shape == (3, 20)
+            np.testing.assert_array_equal(m.applied, (x >= 0.5).astype(np.float32))
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(timeout=20) == 0
+        sim.send_signal(signal.SIGTERM)
+        assert sim.wait(timeout=20) == 0 and not link.exists()
+    finally:
+        for proc in (serve, sim):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+
+
+def _toml(data: dict, prefix: str = "") -> str:
+    """A small TOML writer for the nested tables of a rig config."""
+    import json
+
+    scalars = [f"{k} = {json.dumps(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    out = ([f"[{prefix}]"] if prefix and scalars else []) + scalars
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.append(_toml(value, f"{prefix}.{key}" if prefix else key))
+    return "\n".join(out) + "\n"
