@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("labpnn.sessions.cli", "summarise a session file (--plot, --json)"),
     "import": ("labpnn.sessions.cli", "turn controls/traces recorded elsewhere (CSV, NPZ) into a session"),
     "replay": ("labpnn.remote.cli", "serve a recorded session as a device server"),
+    "export": ("labpnn.sessions.export", "write a VNA session's S-parameters as Touchstone files"),
     "calibrate": ("labpnn.twin.calibrate", "measure a calibration sweep into a session"),
     "twin": ("labpnn.twin.cli", "fit and evaluate digital twins (`labpnn twin fit ...`)"),
     "train": ("labpnn.training.cli", "train a physical neural network (PAT or in-silico)"),

@@ -109,3 +109,33 @@ def _toml(data: dict, prefix: str = "") -> str:
         if isinstance(value, dict):
             out.append(_toml(value, f"{prefix}.{key}" if prefix else key))
     return "\n".join(out) + "\n"
+
+
+def test_export_writes_what_was_measured_and_refuses_magnitudes(tmp_path, capsys):
+    import skrf
+
+    from labpnn.cli import main
+    from labpnn.sessions import RecordingSystem, SessionWriter
+    from labpnn.sessions.export import ExportProblem, export_touchstone
+
+    x = np.random.default_rng(4).random((3, 48), dtype=np.float32)
+    recorded = {}
+    for output in ("reim", "db"):
+        with get_bench("microwave").simulated_rig(output=output) as rig, \
+                SessionWriter(tmp_path / f"{output}.h5", rig.describe()) as writer:
+            recorded[output] = RecordingSystem(rig, writer, tag="calibration").run(x)
+    traces = recorded["reim"]
+    paths = export_touchstone(tmp_path / "reim.h5", tmp_path / "ts")
+    assert [p.name for p in paths] == ["row000000.s2p", "row000001.s2p", "row000002.s2p"]
+    net = skrf.Network(str(paths[1]))
+    np.testing.assert_allclose(net.s[:, 1, 0], traces[1, :20] + 1j * traces[1, 20:], rtol=1e-6)  # text round trip
+    assert np.isnan(net.s[:, 0, 0]).all() and np.isnan(net.s[:, 0, 1]).all() and np.isnan(net.s[:, 1, 1]).all()
+    np.testing.assert_allclose(net.f, np.linspace(4.5e9, 5.5e9, 20))
+    text = paths[1].read_text()
+    assert "S11, S12 and S22 were not measured" in text and '"if_bandwidth_hz": 10000.0' in text
+    with pytest.raises(ExportProblem, match="\\|S21\\| in dB only"):
+        export_touchstone(tmp_path / "db.h5", tmp_path / "no")
+    assert main(["export", str(tmp_path / "db.h5"), "--touchstone", str(tmp_path / "no")]) == 2
+    assert "never measured are not invented" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "reim.h5"), "--touchstone", str(tmp_path / "one"), "--rows", "2"]) == 0
+    assert [p.name for p in (tmp_path / "one").iterdir()] == ["row000002.s2p"]
