@@ -142,7 +142,35 @@ class MicrowaveRigSection(Strict):
     vna: VNASection
 
 
-RigSection = Annotated[TestRigSection | OpticalRigSection | MicrowaveRigSection, Field(discriminator="kind")]
+class AcousticSimulation(Strict):
+    """No audio: the acoustic physics in-process on a simulated clock (`labpnn.drivers.audio_sim`),
+    labelled as a simulation in describe(). For calibration sweeps, benchmarks and the demo."""
+
+    preset: Literal["plate", "cavity"] = "cavity"
+    seed: int = 0
+    copy_seed: int = 0
+    drift_scale: float = Field(1.0, ge=0)
+
+
+class AcousticRigSection(Strict):
+    """A sound card driving speakers and recording microphones on one clock
+    (`labpnn.drivers.soundcard`), or its in-process simulation (``[rig.simulation]``). ``plan`` is
+    the shot (`labpnn.drivers.audio_shots.ShotPlan` fields: encoding, tones_hz, channels, times,
+    max_amplitude, ...)."""
+
+    kind: Literal["acoustic"]
+    device: str = "system"  #: the sound card, by name (PortAudio's device name)
+    plan: dict = Field(default_factory=dict)
+    max_peak: float | list[float] = 0.9  #: per output channel (speakers, then the reference), full scale
+    max_rms: float | list[float] = 0.5
+    keep_waveforms: bool = False  #: keep each batch's raw recordings (the driver's last_recordings)
+    max_failures: int = Field(3, ge=1, le=20)  #: bad shots in a row that end a batch
+    connect_timeout_s: float = Field(10.0, gt=0)
+    simulation: AcousticSimulation | None = None
+
+
+RigSection = Annotated[TestRigSection | OpticalRigSection | MicrowaveRigSection | AcousticRigSection,
+                       Field(discriminator="kind")]
 
 
 class RigConfig(Strict):
@@ -220,4 +248,26 @@ def build_rig(config: RigConfig):
             data_format=vna.data_format, byte_order=vna.byte_order, swap_reversed=vna.swap_reversed,
             timeout_s=vna.timeout_s)
         return Rig([actuator], [sensor], name=config.name)
+    if section.kind == "acoustic":
+        from labpnn.drivers.audio_shots import ShotPlan
+
+        try:
+            plan = ShotPlan(**section.plan)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"rig.plan: {exc}") from None
+        if section.simulation is not None:
+            from labpnn.drivers.audio_sim import SimulatedAudioPath
+            from labpnn.sim_instruments.acoustic import AcousticConfig, AcousticPlant
+
+            sim = section.simulation
+            physics = getattr(AcousticConfig, sim.preset)(seed=sim.seed, copy_seed=sim.copy_seed,
+                                                           drift_scale=sim.drift_scale)
+            card = SimulatedAudioPath(AcousticPlant(physics), plan, max_peak=section.max_peak, max_rms=section.max_rms)
+        else:
+            from labpnn.drivers.soundcard import AcousticSoundCard
+
+            card = AcousticSoundCard(section.device, plan, max_peak=section.max_peak, max_rms=section.max_rms,
+                                     keep_waveforms=section.keep_waveforms, max_failures=section.max_failures,
+                                     connect_timeout_s=section.connect_timeout_s)
+        return Rig([card], [card], name=config.name)
     raise ConfigError(f"rig kind {section.kind!r} is not supported")

@@ -15,7 +15,8 @@ import importlib
 from types import ModuleType
 
 #: bench name -> module
-BENCHES = {"optical": "labpnn.benches.optical", "microwave": "labpnn.benches.microwave",
+BENCHES = {"optical": "labpnn.benches.optical", "acoustic": "labpnn.benches.acoustic",
+           "microwave": "labpnn.benches.microwave",
            "test": "labpnn.benches.testrig"}
 
 

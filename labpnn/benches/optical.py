@@ -37,14 +37,16 @@ def rig_section(shaper_url: str, osa_resource: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def simulated_rig(*, settle_s: float = 0.0, sweep_s: float = 0.0, seed: int = 0) -> Iterator[Rig]:
+def simulated_rig(*, settle_s: float = 0.0, sweep_s: float = 0.0, seed: int = 0, copy_seed: int = 0) -> Iterator[Rig]:
     """A connected `Rig` on the emulators (random loopback ports), closed and stopped on exit.
     ``settle_s`` is the shaper's settle time per mask and ``sweep_s`` the OSA's sweep time (zero:
-    the emulators answer at once; a realistic bench is ~20 ms + ~200 ms)."""
+    the emulators answer at once; a realistic bench is ~20 ms + ~200 ms). ``copy_seed`` picks the
+    copy of the bench (0: the nominal one; others differ in crystal, shaper ripple and calibration,
+    OSA calibration, oscillator: `labpnn.sim_instruments.shg`, item 8); ``seed`` its noise and drift."""
     from labpnn.sim_instruments.optical_bench import OpticalBenchEmulators
     from labpnn.sim_instruments.shg import OpticalBenchConfig
 
-    emulators = OpticalBenchEmulators(OpticalBenchConfig(seed=seed), shaper_port=0, osa_port=0,
+    emulators = OpticalBenchEmulators(OpticalBenchConfig(seed=seed, copy_seed=copy_seed), shaper_port=0, osa_port=0,
                                       settle_s=settle_s, sweep_s=sweep_s).start()
     try:
         config = parse_config({"name": "optical-sim",
