@@ -3,8 +3,9 @@ meta-atoms behind a serial controller), read by a VNA measuring S21 over 4.5-5.5
 microwave system (physics: `labpnn.sim_instruments.metasurface_cavity`).
 
 Controls: one per meta-atom, in [0, 1], quantised to the atom's two states (x >= 0.5: ON); the rig
-reports the states it set as ``applied`` with the ``quantised`` flag. Outputs: |S21| in dB at 20
-frequencies (``output = "reim"`` in the config gives Re/Im, which a Touchstone export needs).
+reports the states it set as ``applied`` with the ``quantised`` flag. Outputs: |S21| (linear) at 20
+frequencies — linear rather than dB because a twin learns it better (the dB scale magnifies deep
+fades) — or Re/Im with ``output = "reim"`` (what a Touchstone export needs).
 ``examples/microwave-sim.toml`` holds this rig with the emulators' default addresses,
 ``examples/microwave-lab.toml`` the same drivers on a real cavity.
 """
@@ -28,7 +29,7 @@ RIG: dict[str, Any] = {
     "metasurface": {"baud": 115200, "n_bits": 256, "atoms": list(range(N_META)), "bits_per_control": 1,
                     "settle_s": 0.002, "verify": True, "timeout_s": 0.5},
     "vna": {"dialect": "pna", "start_hz": 4.5e9, "stop_hz": 5.5e9, "points": 20, "if_bandwidth_hz": 10e3,
-            "power_dbm": -10.0, "output": "db", "data_format": "REAL,32", "byte_order": "SWAP"},
+            "power_dbm": -10.0, "output": "mag", "data_format": "REAL,32", "byte_order": "SWAP"},
 }
 
 
