@@ -1,0 +1,113 @@
+"""SPSA (labpnn.training.spsa): Spall's gains and the estimator by hand, convergence on a small
+smooth bench with every pass accounted for, parameters kept in the calibrated range, and end to
+end through a real device server."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from test_phyll import SmoothSystem, blobs, spied
+
+from labpnn.training.counting import PassCounter
+from labpnn.training.methods import Method, train_method
+from labpnn.training.spsa import SPSA, SPSASettings, rademacher, spall_gains, spsa_estimate
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_spall_gains_by_hand():
+    s = SPSASettings(a=0.2, c=0.1, iterations=100)  # A = 10 % of 100 = 10
+    assert spall_gains(0, s) == pytest.approx((0.2 / 11 ** 0.602, 0.1))
+    assert spall_gains(9, s) == pytest.approx((0.2 / 20 ** 0.602, 0.1 / 10 ** 0.101))
+    assert spall_gains(0, SPSASettings(a=1.0, A=0.0)) == pytest.approx((1.0, 0.05))
+
+
+def test_estimate_is_exact_for_a_linear_loss_over_all_directions():
+    """For L(θ) = w·θ, (L₊ − L₋)/(2c) = w·Δ, so ĝ = (w·Δ) Δ; averaged over all 2ⁿ sign patterns
+    the cross terms cancel exactly and ĝ = w."""
+    w = torch.tensor([0.5, -2.0, 3.0])
+    theta = torch.tensor([0.1, 0.2, 0.3])
+    deltas = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=3)))
+    c = 0.01
+    lp = torch.stack([w @ (theta + c * d) for d in deltas])
+    lm = torch.stack([w @ (theta - c * d) for d in deltas])
+    assert torch.allclose(spsa_estimate(lp, lm, deltas, c), w, atol=1e-4)  # float32 differences / 2c
+    d = rademacher(1000, 5, torch.Generator().manual_seed(0))
+    assert set(d.unique().tolist()) == {-1.0, 1.0}
+
+
+def test_converges_on_a_smooth_bench_and_spends_exactly_the_passes_it_reports():
+    ds = blobs(n_classes=3, n_features=4)
+    spy, counter = spied(SmoothSystem(n_controls=24, n_outputs=16))
+    method = SPSA(readout="hybrid", batch_size=24, perturbations=4, adam_lr=0.05, c=0.1)
+    assert isinstance(method, Method) and method.kind == "hybrid" and SPSA().kind == "physical"
+    with counter.counting("train"):
+        method.setup(counter, ds.X_train, ds.y_train)
+    N, P, layers = len(ds.y_train), 4, 1
+    assert method.setup_passes == spy.rows["train"] == N * layers  # the training split, once, to place bins
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(12):
+        before = spy.rows["train"]
+        with counter.counting("train"):
+            stats = method.train_epoch(counter, ds.X_train, ds.y_train, gen)
+        assert stats["passes"] == spy.rows["train"] - before == 2 * P * N * layers
+        losses.append(stats["loss"])
+    assert method.measured == spy.rows["train"] == counter.passes["train"]
+    # the loss falls well below its start (each epoch's mean is measured at the perturbed points)
+    assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:2]), losses
+    with counter.counting("validation"):
+        logits = method.logits(counter, ds.X_val)
+    assert spy.rows["validation"] == len(ds.y_val) * layers
+    assert (logits.argmax(1) == ds.y_val).mean() >= 0.8  # 3 well-separated blobs; chance is 1/3
+
+
+def test_parameters_and_controls_stay_in_the_calibrated_range():
+    ds = blobs()
+    lo, hi = 0.2, 0.7
+    spy, counter = spied(SmoothSystem())
+    sent = []
+    inner_run = spy.system.run
+    spy.system.run = lambda c: (sent.append(c.copy()), inner_run(c))[1]
+    method = SPSA(control_range=(lo, hi), batch_size=30, perturbations=2, c=0.3, adam_lr=0.3, layers=2)
+    train_method(spy, ds, method, epochs=3, seed=0, counter=counter)
+    controls = np.concatenate(sent)
+    assert controls.min() >= lo and controls.max() <= hi  # a big c, a big step: still inside
+    for layer in method.net.layers:
+        assert float(layer.theta.detach().min()) >= lo and float(layer.theta.detach().max()) <= hi
+    # two layers: 2 × P × B per layer per step
+    assert counter.passes["train"] == method.setup_passes + 3 * 2 * 2 * len(ds.y_train) * 2
+
+
+def test_plain_sgd_with_spall_gains_moves_theta():
+    ds = blobs()
+    counter = PassCounter(SmoothSystem())
+    method = SPSA(optimizer="sgd", a=0.5, batch_size=60, perturbations=2)
+    method.setup(counter, ds.X_train, ds.y_train)
+    before = method.flat().clone()
+    method.train_epoch(counter, ds.X_train, ds.y_train, torch.Generator().manual_seed(1))
+    assert method.k == 2 and not torch.equal(before, method.flat())
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        SPSA(optimizer="lbfgs")
+
+
+@pytest.mark.slow
+def test_end_to_end_through_a_device_server(make_server, make_client):
+    server = make_server(rig=dict(n_controls=16, n_outputs=32, noise=0.005))
+    client = make_client(server)
+    ds = blobs()
+    method = SPSA(readout="hybrid", batch_size=32, perturbations=2, adam_lr=0.05, c=0.1)
+    acc, passes, history = train_method(client, ds, method, epochs=4, seed=0)
+    N = len(ds.y_train)
+    assert passes["train"] == N + 4 * 2 * 2 * N
+    assert passes["validation"] == 4 * len(ds.y_val) and passes["test"] == len(ds.y_test)
+    assert server.sim.actuations == sum(passes.values())
+    assert acc > 0.5, history  # chance is 1/3
