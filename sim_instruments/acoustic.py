@@ -102,16 +102,49 @@ truncated to the segment) to the free decay of the carried modal state, then adv
 closed form. Splitting a signal into blocks therefore changes nothing but rounding (~1e-13): a shot
 computed whole and streamed in 1024-sample blocks records the same samples. Noise is drawn in sample
 order from one generator, so it is identical too. `AcousticPlant.process_shots` runs B shots from
-rest at once (vectorised over B, one FFT convolution per chunk of shots); each shot has its own
-noise and its own gains (ramped linearly from the drift's value at its first sample to that at its
-last), and all shots of one call see the temperature at the call's start (it moves ~0.01 K over a
-64-shot call at the default drift).
+rest at once; each shot has its own noise and its own gains (ramped linearly from the drift's value
+at its first sample to that at its last), and all shots of one call see the temperature at the
+call's start (it moves ~0.01 K over a 64-shot call at the default drift). It computes the same
+model as `process` from rest, faster:
 
-Cost (measured on 2 shared cores at load ~3.5, so +-50 %): `process` of one 1024-sample block:
-median 1.5 ms (cavity), 0.5 ms (plate); the block that crosses a 0.5 s drift step rebuilds the
-modal kernel for the new temperature: ~7 ms median, 15 ms worst seen (the block lasts 21 ms).
-`process_shots`, batch 64 of 0.5 s shots: ~75 shots/s for the cavity (~37x real time), ~115 for the
-plate. Small matrix products are cut into 64-row slices: OpenBLAS's threads, on a loaded 2-core
+- one FFT convolution per shot over the drives' support only: silence before the call's first and
+  after its last non-zero drive sample drives nothing (the speaker polynomial has no constant
+  term), so the bench's 20 ms pre-roll and 200 ms tail are not transformed; time runs along the
+  last axis and two shots are computed at a time (cache-sized arrays);
+- the modal impulse response cut at ``L`` samples (below); the kernel (poles to powers by
+  ``exp`` on 256-sample blocks and products, a real matrix product, one FFT) is rebuilt per
+  temperature, i.e. about once per call;
+- the noise drawn per chunk of 16 shots as before (start values of the ambient sources, then each
+  shot's normals in turn), so the numbers drawn do not depend on how the shots are grouped.
+
+Against the direct computation (one 2n - 1 FFT convolution, nothing cut) with the same noise
+stream, the recordings agree to the 16-bit code except ~1 sample in 10^6 (1 LSB apart: rounding
+ties); the tests check both.
+
+**Truncation bound.** With ``h[m, s, j] = Re(sum_k w_msk p_k^j)``, ``|h[m, s, j]| <= sum_k |w_msk|
+|p_k|^j``, so the part of the convolution dropped by cutting at ``L`` is at most
+``E_m = g_m sum_s V_s sum_k |w_msk| |p_k|^L / (1 - |p_k|)`` at microphone ``m``, for *any* drive:
+``V_s = U_s + |c2_s| U_s^2 + |c3_s| U_s^3`` bounds the speaker's output (the DAC clips to
+[-1, 1]; ``U_s`` is the speaker's largest gain in the call), ``g_m`` the mic's largest gain.
+``L`` is the first multiple of 256 with ``max_m E_m <= 0.01 LSB`` (`AcousticPlant.
+shot_kernel_length`; ``n`` if none: nothing cut). This bounds the ADC input before the preamp's
+compression ``y - c y^3``, whose slope ``1 - 3 c y^2`` stays within [-1, 1] up to ``|y| =
+sqrt(2 / (3 c))`` = 3.65 full scale at c = 0.05 (and beyond ~1.06 full scale the ADC clips
+anyway), so the recording moves by less than 0.01 LSB before rounding. ``L`` comes out at ~2.5
+T60: cavity (nominal copy) 18,944 samples = 0.39 s of its 0.72 s shots; plate 47,360 = 0.99 s,
+longer than its 0.97 s shots, so nothing is cut there. Tested: the exact tail sums to 0.5-0.65 of
+the bound, and a full-scale drive with the signs of the impulse responses (the worst case for one
+output sample) moves the ADC input by 0.003-0.004 LSB.
+
+Cost (2 shared cores at load 4-12, so +-50 %; CPU time per row of the in-process rig's batch
+path, `SimulatedAudioPath.measure_batch`, shots of 0.72 s cavity / 0.97 s plate, interleaved with
+the previous version in one run): cavity ~12 ms (was 34-39), plate 5.5-6.5 ms (was 10-13); wall
+time is 1.3-3x that, depending on the load. What is left: the noise (~4 ms of the cavity's 12,
+mostly drawing 207,000 normals per row: the noise stream is fixed), the driver's synthesis and
+readout (~3 ms), the FFTs (~2 ms). `process` of one 1024-sample block: median 1.2-1.8 ms CPU
+(cavity), 0.65-0.8 ms (plate), as before; the block that crosses a 0.5 s drift step rebuilds the
+modal kernel for the new temperature (cavity: 99th percentile 3-4.6 ms CPU, was 4-7; the block
+lasts 21 ms). Small matrix products are cut into slices: OpenBLAS's threads, on a loaded 2-core
 machine, made the whole products 10-100x slower (measured).
 
 Everything is deterministic given ``seed`` (noise, drift) and ``copy_seed`` (fabrication).
@@ -352,6 +385,8 @@ def _build_system(cfg: AcousticConfig, copy_seed: int, gap: bool) -> _System:
 # OpenBLAS goes multi-threaded above ~2^18 multiply-adds; on a loaded 2-core machine the thread
 # hand-off cost 10-100x the arithmetic here (measured), so the products are split below that.
 _BLAS_ROWS = 64
+# rows per slice of a tall, thin product (n x 6 @ 6 x 4 and alike): below that threshold too
+_BLAS_TALL = 8192
 
 
 def _matmul_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -367,6 +402,38 @@ def _matmul_inner(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     for i in range(_BLAS_ROWS, a.shape[1], _BLAS_ROWS):
         out += a[:, i : i + _BLAS_ROWS] @ b[..., i : i + _BLAS_ROWS, :]
     return out
+
+
+def _geometric(log_p: np.ndarray, n: int, block: int = 256) -> np.ndarray:
+    """``exp(j log_p)`` for j = 0..n-1 as (K, n): complex exponentials on one block of ``block`` steps
+    and on the block starts, then one product each (a few ulp, like ``exp(j log_p)`` itself, at a
+    fraction of its cost)."""
+    blk = max(1, min(n, block))
+    n_blocks = -(-n // blk)
+    base = np.exp(log_p[:, None] * np.arange(blk)[None, :])
+    starts = np.exp(log_p[:, None] * (blk * np.arange(n_blocks))[None, :])
+    return (starts[:, :, None] * base[:, None, :]).reshape(len(log_p), n_blocks * blk)[:, :n]
+
+
+def _mix_bins(vf: np.ndarray, hf: np.ndarray, block: int = 4096) -> np.ndarray:
+    """``yf[c, m, f] = sum_s vf[c, s, f] hf[m, s, f]`` for vf (C, S, F), hf (M, S, F), in blocks of
+    bins so the temporaries stay in cache (a broadcast product over the whole arrays was 2-3x slower)."""
+    n_c, n_s, n_f = vf.shape
+    n_m = hf.shape[0]
+    if n_s == 1 and n_m == 1:
+        return vf * hf[None, 0]
+    yf = np.empty((n_c, n_m, n_f), dtype=np.result_type(vf, hf))
+    tmp = np.empty((n_c, min(block, n_f)), dtype=yf.dtype)
+    for lo in range(0, n_f, block):
+        hi = min(n_f, lo + block)
+        t = tmp[:, : hi - lo]
+        for m in range(n_m):
+            acc = yf[:, m, lo:hi]
+            np.multiply(vf[:, 0, lo:hi], hf[m, 0, lo:hi], out=acc)
+            for s in range(1, n_s):
+                np.multiply(vf[:, s, lo:hi], hf[m, s, lo:hi], out=t)
+                acc += t
+    return yf
 
 
 class _Kernel:
@@ -386,27 +453,59 @@ class _Kernel:
         self.w = w
         self.t = t
         self._w_flat = (self.cout[:, None, :] * b.T[None, :, :]).reshape(-1, len(w))  # (M*S, K)
+        # h[ms, j] = Re(sum_k w[ms, k] p_k^j) = [Re w, -Im w] @ [Re p^j; Im p^j]
+        self._w_real = np.concatenate([self._w_flat.real, -self._w_flat.imag], axis=1)  # (M*S, 2K)
         self._pow = np.ones((len(w), 1), dtype=complex)  # p^j, j = 0..len-1
-        self._fft: dict[int, tuple[int, np.ndarray]] = {}
+        self._fft: dict = {}
 
     def powers(self, n: int) -> np.ndarray:
         """``p_k^j`` for j = 0..n-1, (K, n)."""
         if self._pow.shape[1] < n:
-            self._pow = np.exp(self.log_p[:, None] * np.arange(n)[None, :])
+            self._pow = _geometric(self.log_p, n)
         return self._pow[:, :n]
+
+    def impulse(self, n: int) -> np.ndarray:
+        """The impulse responses h[m * S + s, j], j = 0..n-1, (M*S, n) (real arithmetic, in column
+        slices small enough to keep OpenBLAS single-threaded)."""
+        pw = self.powers(n)
+        ms, k2 = self._w_real.shape
+        blk = max(64, (1 << 18) // (ms * k2))
+        out = np.empty((ms, n))
+        for i in range(0, n, blk):
+            seg = pw[:, i : i + blk]
+            out[:, i : i + blk] = self._w_real @ np.concatenate([seg.real, seg.imag])
+        return out
 
     def fft_kernel(self, n: int) -> tuple[int, np.ndarray]:
         """(FFT size, rfft of the impulse responses h[m, s, 0:n]) as (bins, M, S). The FFT size is
         at least 2n - 1, so any segment of up to n samples convolves without wrap-around."""
         if n not in self._fft:
-            if len(self._fft) > 8:
-                self._fft.clear()
+            self._trim_cache()
             nfft = sfft.next_fast_len(2 * n - 1, real=True)
-            h = _matmul_rows(self.powers(n).T, self._w_flat.T).real  # (n, M*S)
-            hf = sfft.rfft(h, n=nfft, axis=0)
+            hf = sfft.rfft(self.impulse(n), n=nfft, axis=1)  # (M*S, bins)
             m, s = self.cout.shape[0], self.b.shape[1]
-            self._fft[n] = (nfft, hf.reshape(-1, m, s))
+            self._fft[n] = (nfft, np.ascontiguousarray(hf.T).reshape(-1, m, s))
         return self._fft[n]
+
+    def shot_kernel(self, n: int, nfft: int) -> np.ndarray:
+        """rfft (size ``nfft``) of h[m, s, 0:n], time last: (M, S, bins)."""
+        key = ("shots", n, nfft)
+        if key not in self._fft:
+            self._trim_cache()
+            hf = sfft.rfft(self.impulse(n), n=nfft, axis=1)
+            self._fft[key] = hf.reshape(self.cout.shape[0], self.b.shape[1], -1)
+        return self._fft[key]
+
+    def _trim_cache(self) -> None:
+        if len(self._fft) > 8:
+            self._fft.clear()
+
+    def tail_bound(self, lengths) -> np.ndarray:
+        """Upper bounds on ``sum_{j >= L} |h[m, s, j]|`` for each L in ``lengths``: (len, M, S).
+        From ``|h[j]| <= sum_k |w_k| |p_k|^j``, summed as geometric series."""
+        mag = np.abs(self.p)
+        decay = mag[None, :] ** np.asarray(lengths, dtype=float)[:, None] / (1 - mag)[None, :]  # (len, K)
+        return (decay @ np.abs(self._w_flat).T).reshape(-1, self.cout.shape[0], self.b.shape[1])
 
     def transfer(self, freqs_hz: np.ndarray) -> np.ndarray:
         """Exact discrete-time small-signal transfer (F, M, S) of the modal bank (unit drift gains)."""
@@ -416,16 +515,28 @@ class _Kernel:
         return g @ self.b  # (F, M, K) @ (K, S)
 
 
+def _shot_blocks(b: int, chunk: int, sub: int):
+    """(first, end) of the blocks of at most ``sub`` shots that `process_shots` computes at once;
+    no block straddles two chunks of ``chunk`` shots (the noise stream's unit)."""
+    for lo in range(0, b, chunk):
+        hi = min(b, lo + chunk)
+        for s0 in range(lo, hi, sub):
+            yield s0, min(hi, s0 + sub)
+
+
 class AcousticPlant:
     """The acoustic bench: speakers -> modes -> microphones -> ADC. Stateful and thread-safe.
 
     ``process`` streams (state, noise and drift continue across calls); ``process_shots`` runs
     independent shots from rest. Both advance the simulated clock."""
 
-    _SHOT_CHUNK = 16
+    _SHOT_CHUNK = 16  # the noise is drawn per chunk of shots (part of the noise stream's definition)
+    _SHOT_SUB = 2  # process_shots computes this many shots at a time (keeps its arrays in cache)
     # process() works in pieces of at most this many samples with one FFT kernel per temperature,
     # so a drift step costs one kernel build whatever the block lengths
     _STREAM_KERNEL = 1024
+    # process_shots cuts the impulse response where the rest can change the ADC input by at most this
+    _TRUNCATION_LSB = 0.01
 
     def __init__(self, config: AcousticConfig | None = None):
         cfg = config if config is not None else AcousticConfig()
@@ -608,40 +719,78 @@ class AcousticPlant:
         v *= u
         return v
 
-    def _adc(self, y: np.ndarray, mic_gains: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
-        y = y * mic_gains
+    def _preamp(self, y: np.ndarray) -> None:
+        """The mic preamp's soft compression ``y - c y^3``, in place."""
         if self._mic_cubic:
-            y -= self._mic_cubic * y**3
+            t = y * y
+            t *= y
+            t *= self._mic_cubic
+            y -= t
+
+    def _adc(self, y: np.ndarray, mic_gains: np.ndarray | None, noise: np.ndarray | None,
+             out: np.ndarray | None = None) -> np.ndarray:
+        """Mic gains, preamp, noise, clip and quantise -> float32 (into ``out`` if given). With
+        ``mic_gains`` None, ``y`` is taken as already gained and compressed (and is overwritten)."""
+        if mic_gains is not None:
+            y = y * mic_gains
+            self._preamp(y)
         if noise is not None:
             y += noise
         full = 2.0 ** (self.config.adc_bits - 1)
         y *= full
         np.round(y, out=y)
         np.clip(y, -full, full - 1, out=y)
-        y *= 1.0 / full  # exact: a power of two
-        return y.astype(np.float32)
+        if out is None:
+            out = np.empty(y.shape, np.float32)
+        np.multiply(y, 1.0 / full, out=out, casting="same_kind")  # exact: a power of two
+        return out
+
+    def _noise_on(self) -> bool:
+        cfg = self.config
+        return not (cfg.noise_scale == 0 or (cfg.mic_self_noise_rms == 0 and cfg.ambient_noise_rms == 0))
 
     def _draw_noise(self, shape_lead: tuple[int, ...], n: int, fresh_state: bool) -> np.ndarray | None:
         """Noise at the ADC input (*lead, n, M), drawn in sample order; None when noise is off."""
-        cfg = self.config
-        if cfg.noise_scale == 0 or (cfg.mic_self_noise_rms == 0 and cfg.ambient_noise_rms == 0):
+        if not self._noise_on():
             return None
-        n_amb = cfg.ambient_sources
+        n_amb = self.config.ambient_sources
         if fresh_state:
             init = self._noise_rng.standard_normal((*shape_lead, n_amb))
         else:
             if self._ambient_state is None:
                 self._ambient_state = self._noise_rng.standard_normal(n_amb)
             init = self._ambient_state
-        xi = self._noise_rng.standard_normal((*shape_lead, n, self.n_mics + n_amb))
+        noise, last = self._noise_from(init, n)
+        if not fresh_state:
+            self._ambient_state = last
+        return noise
+
+    def _noise_from(self, init: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Draw the next (*lead, n, M + A) normals and make the noise (*lead, n, M) from them, the
+        ambient AR(1) sources starting at ``init`` (*lead, A). Returns (noise, last ambient values)."""
+        cfg = self.config
+        m, n_amb = self.n_mics, cfg.ambient_sources
+        lead = init.shape[:-1]
+        xi = self._noise_rng.standard_normal((*lead, n, m + n_amb))
         a = self._ar
         # stationary unit-variance AR(1): x[n] = a x[n-1] + sqrt(1 - a^2) xi[n]
-        amb, last = lfilter([math.sqrt(1 - a * a)], [1.0, -a], xi[..., self.n_mics :], axis=-2,
-                            zi=(a * init)[..., None, :])
-        if not fresh_state:
-            self._ambient_state = amb[-1].copy()
-        noise = cfg.mic_self_noise_rms * xi[..., : self.n_mics] + cfg.ambient_noise_rms * (amb @ self._ambient_mix.T)
-        return cfg.noise_scale * noise
+        amb, _ = lfilter([math.sqrt(1 - a * a)], [1.0, -a], xi[..., m:], axis=-2, zi=(a * init)[..., None, :])
+        # noise = self_rms xi[..., :M] + ambient_rms amb @ mix.T, all times noise_scale: two thin
+        # products per slice of rows (the self-noise weights are zero on the ambient columns)
+        w_self = np.zeros((m + n_amb, m))
+        w_self[np.arange(m), np.arange(m)] = cfg.noise_scale * cfg.mic_self_noise_rms
+        w_amb = (cfg.noise_scale * cfg.ambient_noise_rms) * self._ambient_mix.T  # (A, M)
+        xi2, amb2 = xi.reshape(-1, m + n_amb), amb.reshape(-1, n_amb)
+        noise = np.empty((xi2.shape[0], m))
+        rows = _BLAS_TALL
+        tmp = np.empty((min(rows, len(noise)), m))
+        for i in range(0, len(noise), rows):
+            out = noise[i : i + rows]
+            np.matmul(xi2[i : i + rows], w_self, out=out)
+            t = tmp[: len(out)]
+            np.matmul(amb2[i : i + rows], w_amb, out=t)
+            out += t
+        return noise.reshape(*lead, n, m), amb[..., -1, :].copy()
 
     def _linear(self, kern: _Kernel, v: np.ndarray, state: np.ndarray | None, kernel_len: int | None = None):
         """Modal response of segments ``v`` (B, L, S) from ``state`` (B, K) (None = rest), using the
@@ -739,8 +888,10 @@ class AcousticPlant:
     def process_shots(self, drives: np.ndarray) -> np.ndarray:
         """B independent shots, each starting at rest: float32[B, n, n_speakers] -> float32[B, n, n_mics].
         The fast path for in-process sweeps (vectorised over B); the clock advances by B*n samples.
-        All shots see the temperature at the call's start; each has its own noise and gain drift."""
-        d = self._check(drives, 3)
+        All shots see the temperature at the call's start; each has its own noise and gain drift.
+        The modal impulse response is cut where the rest moves the ADC input by < 0.01 LSB for any
+        drive (`shot_kernel_length`; the module docstring states the bound)."""
+        d = self._check(drives, 3, cast=self._kappa is not None)  # the linear path reads float32 as is
         b, n = d.shape[:2]
         with self._lock:
             start = self._samples
@@ -749,24 +900,111 @@ class AcousticPlant:
                 self._samples = start + b * n
                 return out
             kern = self._kernel_at(self._temperature_at(start // self._step))
-            for lo in range(0, b, self._SHOT_CHUNK):
-                hi = min(b, lo + self._SHOT_CHUNK)
-                # each shot's gains ramp linearly from its first to its last sample
-                first = start + np.arange(lo, hi) * n
-                g0, g1 = self._gains(first), self._gains(first + (n - 1))
-                ramp = (np.arange(n) / max(n - 1, 1))[None, :, None]
-                g = g0[:, None, :] + ramp * (g1 - g0)[:, None, :]  # (chunk, n, S + M)
-                v = self._speakers(d[lo:hi], g[..., : self.n_speakers])
-                if self._kappa is None:
-                    y, _ = self._linear(kern, v, None)
-                else:
+            # each shot's gains ramp linearly from its first to its last sample
+            first = start + np.arange(b) * n
+            g0_all, g1_all = self._gains(first), self._gains(first + (n - 1))  # (B, S + M)
+            ramp = np.arange(n) / max(n - 1, 1)
+            if self._kappa is None:
+                self._shots_linear(kern, d, g0_all, g1_all, ramp, out)
+            else:
+                for lo in range(0, b, self._SHOT_CHUNK):
+                    hi = min(b, lo + self._SHOT_CHUNK)
+                    g0, g1 = g0_all[lo:hi], g1_all[lo:hi]
+                    g = g0[:, None, :] + ramp[None, :, None] * (g1 - g0)[:, None, :]  # (chunk, n, S + M)
+                    v = self._speakers(d[lo:hi], g[..., : self.n_speakers])
                     y, _ = self._duffing(kern, v, np.zeros((hi - lo, len(self.mode_q)), dtype=complex))
-                noise = self._draw_noise((hi - lo,), n, fresh_state=True)
-                out[lo:hi] = self._adc(y, g[..., self.n_speakers :], noise)
+                    noise = self._draw_noise((hi - lo,), n, fresh_state=True)
+                    self._adc(y, g[..., self.n_speakers :], noise, out=out[lo:hi])
             self._samples = start + b * n
             return out
 
-    def _check(self, x: np.ndarray, ndim: int) -> np.ndarray:
+    def shot_kernel_length(self, n: int, speaker_gain: np.ndarray | float = 1.0,
+                           mic_gain: np.ndarray | float = 1.0, kern: _Kernel | None = None) -> int:
+        """Where `process_shots` cuts the modal impulse response for outputs of ``n`` samples: the
+        shortest ``L`` (a multiple of 256, or ``n``: no cut) with ``max_m mic_gain_m sum_s V_s
+        sum_{j >= L} |h[m, s, j]| <= 0.01 LSB``, ``V_s`` the largest speaker output for a drive in
+        [-1, 1] at gain ``speaker_gain_s`` (``U + |c2| U^2 + |c3| U^3``, ``U = |gain|``). The sum
+        of ``|h|`` is bounded by geometric series (`_Kernel.tail_bound`), so for any drive the cut
+        changes the ADC input by less than 0.01 LSB."""
+        with self._lock:
+            kern = kern if kern is not None else self._kernel_now()
+            u = np.abs(np.broadcast_to(np.asarray(speaker_gain, dtype=float), (self.n_speakers,)))
+            vmax = u + np.abs(self.speaker_c2) * u**2 + np.abs(self.speaker_c3) * u**3  # (S,)
+            gm = np.abs(np.broadcast_to(np.asarray(mic_gain, dtype=float), (self.n_mics,)))
+            tol = self._TRUNCATION_LSB * 2.0 ** (1 - self.config.adc_bits)
+            grid = np.arange(256, n, 256)
+            if len(grid) == 0:
+                return n
+            err = ((kern.tail_bound(grid) * vmax[None, None, :]).sum(axis=2) * gm[None, :]).max(axis=1)
+            ok = np.flatnonzero(err <= tol)
+            return int(grid[ok[0]]) if len(ok) else n
+
+    def _shots_linear(self, kern: _Kernel, d: np.ndarray, g0_all: np.ndarray, g1_all: np.ndarray,
+                      ramp: np.ndarray, out: np.ndarray) -> None:
+        """The linear bank for `process_shots`: FFT convolution over the drive's support with the
+        impulse response cut at `shot_kernel_length`, time along the last axis for the FFTs, a few
+        shots at a time (cache-sized arrays); the noise is drawn per `_SHOT_CHUNK` shots, in order."""
+        b, n, n_s = d.shape
+        n_m = self.n_mics
+        # silence before the first and after the last non-zero drive sample of the call drives
+        # nothing (the speaker polynomial has no constant term): convolve only the support [a, e)
+        active = np.flatnonzero(d.reshape(b, -1).any(axis=0).reshape(n, n_s).any(axis=1))
+        a, e = (int(active[0]), int(active[-1]) + 1) if len(active) else (n, n)
+        sub = min(b, self._SHOT_SUB)
+        n_y = 0  # the convolution's non-zero output: samples a .. a + n_y - 1
+        if e > a:
+            # h beyond n - a - 1 never reaches an output sample
+            gain_s = np.abs(np.concatenate([g0_all, g1_all])).max(axis=0)
+            klen = min(n - a, self.shot_kernel_length(n, gain_s[:n_s], gain_s[n_s:], kern))
+            n_y = min(n - a, e - a + klen - 1)
+            nfft = sfft.next_fast_len(e - a + klen - 1, real=True)  # no wrap-around
+            hf = kern.shot_kernel(klen, nfft)  # (M, S, bins)
+            buf = np.zeros((sub, n_s, nfft))
+        c2 = self.speaker_c2[:, None]
+        c3 = self.speaker_c3[:, None]
+        noise = self._shot_noise(b, n, sub)
+        for s0, s1 in _shot_blocks(b, self._SHOT_CHUNK, sub):
+            g0, g1 = g0_all[s0:s1], g1_all[s0:s1]
+            z = np.empty((s1 - s0, n, n_m))  # the ADC input
+            z[:, :a] = 0.0
+            z[:, a + n_y :] = 0.0
+            if n_y:
+                # speakers (as `_speakers`), written time-last into the zero-padded FFT buffer
+                gs = g0[:, :n_s, None] + ramp[None, None, a:e] * (g1 - g0)[:, :n_s, None]  # (c, S, e - a)
+                u = np.clip(d[s0:s1, a:e].transpose(0, 2, 1), -1.0, 1.0, out=np.empty(gs.shape))
+                u *= gs
+                v = buf[: s1 - s0, :, : e - a]
+                np.multiply(u, c3, out=v)
+                v += c2
+                v *= u
+                v += 1.0
+                v *= u
+                vf = sfft.rfft(buf[: s1 - s0], axis=2)  # (c, S, bins)
+                y = sfft.irfft(_mix_bins(vf, hf), n=nfft, axis=2)[:, :, :n_y]  # (c, M, n_y)
+                y *= g0[:, n_s:, None] + ramp[None, None, a : a + n_y] * (g1 - g0)[:, n_s:, None]  # mic gains
+                self._preamp(y)
+                z[:, a : a + n_y] = y.transpose(0, 2, 1)
+            self._adc(z, None, next(noise), out=out[s0:s1])
+
+    def _shot_noise(self, b: int, n: int, sub: int):
+        """The noise of `process_shots`, block by block (`_shot_blocks`), in the order of the noise
+        stream: per `_SHOT_CHUNK` shots the ambient sources' start values, then the normals of each
+        shot in turn (so a chunk cut into blocks draws the very same numbers). None when off."""
+        on = self._noise_on()
+        init = lo = None
+        for s0, s1 in _shot_blocks(b, self._SHOT_CHUNK, sub):
+            if not on:
+                yield None
+                continue
+            if s0 % self._SHOT_CHUNK == 0:
+                lo = s0
+                size = (min(b, lo + self._SHOT_CHUNK) - lo, self.config.ambient_sources)
+                init = self._noise_rng.standard_normal(size)
+            yield self._noise_from(init[s0 - lo : s1 - lo], n)[0]
+
+    def _check(self, x: np.ndarray, ndim: int, cast: bool = True) -> np.ndarray:
+        """The drive as an array of the right shape, finite; float64 (a copy) unless ``cast`` is
+        False and it is float32/float64 already (then it may be the caller's array: read it only)."""
         arr = np.asarray(x)
         if ndim == 2 and arr.ndim == 1 and self.n_speakers == 1:
             arr = arr[:, None]
@@ -775,7 +1013,8 @@ class AcousticPlant:
             raise ValueError(f"drive must have shape ({lead}, {self.n_speakers}), got {arr.shape}")
         if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
             raise ValueError("drive must be real numbers")
-        arr = arr.astype(np.float64)
+        if cast or arr.dtype not in (np.float32, np.float64):
+            arr = arr.astype(np.float64)
         if not np.isfinite(arr).all():
             raise ValueError("drive contains NaN or inf")
         return arr

@@ -359,6 +359,99 @@ def test_process_shots_equals_shots_from_rest():
     assert silent[0].std() > 0
 
 
+def _exact_shots(plant: AcousticPlant, drives: np.ndarray) -> np.ndarray:
+    """`process_shots` the direct way, from the plant's own pieces: per chunk of 16 shots, gains
+    ramped per shot, the speakers, one FFT convolution with the whole impulse response (2n - 1
+    samples, nothing cut), the noise of the chunk, the ADC."""
+    b, n, n_s = drives.shape
+    start = plant.samples
+    kern = plant._kernel_at(plant._temperature_at(start // plant._step))
+    out = np.empty((b, n, plant.n_mics), dtype=np.float32)
+    ramp = (np.arange(n) / (n - 1))[None, :, None]
+    for lo in range(0, b, 16):
+        hi = min(b, lo + 16)
+        first = start + np.arange(lo, hi) * n
+        g0, g1 = plant._gains(first), plant._gains(first + (n - 1))
+        g = g0[:, None, :] + ramp * (g1 - g0)[:, None, :]
+        v = plant._speakers(drives[lo:hi].astype(float), g[..., :n_s])
+        y, _ = plant._linear(kern, v, None)
+        noise = plant._draw_noise((hi - lo,), n, fresh_state=True)
+        out[lo:hi] = plant._adc(y, g[..., n_s:], noise)
+    return out
+
+
+def test_process_shots_matches_the_exact_convolution_with_the_same_noise():
+    cfg = AcousticConfig.cavity(seed=2, copy_seed=1)  # noise, drift and gap all on
+    n = int(0.72 * FS)
+    drives = np.zeros((20, n, 4), dtype=np.float32)  # 20: a chunk of 16 and a part; silent pre-roll and tail
+    for i in range(len(drives)):
+        drives[i, 960 : 960 + FS // 2] = _multitone(0.5, 4, seed=i)
+    exact = _exact_shots(AcousticPlant(cfg), drives)
+    got = AcousticPlant(cfg).process_shots(drives)
+    # float rounding, then the same 16-bit codes: at most 1 LSB apart, almost never at all
+    diff = np.abs(got.astype(float) - exact) / LSB16
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-4
+    assert np.abs(exact).max() > 0.05
+    # how many shots are computed at once does not change the noise drawn
+    for sub in (1, 16):
+        plant = AcousticPlant(cfg)
+        plant._SHOT_SUB = sub
+        assert np.abs(plant.process_shots(drives).astype(float) - got).max() <= LSB16
+    # a short burst early in a long shot: the response outlasts the (cut) convolution's span
+    short = np.zeros((3, FS, 4), dtype=np.float32)
+    short[:, 2400:7200] = _multitone(0.1, 4)
+    exact = _exact_shots(AcousticPlant(cfg), short)
+    diff = np.abs(AcousticPlant(cfg).process_shots(short).astype(float) - exact)
+    assert diff.max() <= LSB16 and (diff > 0).mean() < 1e-4
+
+
+def _tail_sum(kern, start: int, stop: int) -> np.ndarray:
+    """sum_{start <= j < stop} |h[m, s, j]|, (M, S), straight from the poles and residues."""
+    total = np.zeros(kern._w_flat.shape[0])
+    for lo in range(start, stop, 8192):
+        j = np.arange(lo, min(stop, lo + 8192))
+        h = (kern._w_flat @ np.exp(kern.log_p[:, None] * j[None, :])).real
+        total += np.abs(h).sum(axis=1)
+    return total.reshape(kern.cout.shape[0], kern.b.shape[1])
+
+
+@pytest.mark.parametrize("preset, seconds", [(AcousticConfig.cavity, 1.0), (AcousticConfig.plate, 1.2)])
+def test_truncated_impulse_response_stays_below_a_hundredth_of_an_lsb(preset, seconds):
+    cfg = preset(noise_scale=0.0, drift_scale=0.0, copy_seed=3)  # gap modes on
+    plant = AcousticPlant(cfg)
+    kern = plant._kernel_now()
+    n = int(seconds * FS)
+    cut = plant.shot_kernel_length(n)
+    assert cut < n and 2.0 < cut / FS / plant.ringdown_s < 3.0  # about 2.5 T60
+    # the bound is one: the exact tail (out to 12 T60 past the cut) sums below it
+    bound = kern.tail_bound([cut])[0]  # (M, S)
+    tail = _tail_sum(kern, cut, cut + int(12 * plant.ringdown_s * FS))
+    assert np.all(tail <= bound) and np.all(tail > 0.3 * bound)
+    # and for any drive in [-1, 1] it keeps the dropped part below 0.01 LSB
+    vmax = 1 + np.abs(plant.speaker_c2) + np.abs(plant.speaker_c3)
+    worst = (bound * vmax[None, :]).sum(axis=1)  # (M,)
+    assert worst.max() <= 0.01 * LSB16
+    # end to end: the drive that makes the dropped part largest at the last sample of the loudest
+    # mic (full scale, the signs of its impulse responses), cut vs nothing cut (all of it convolved)
+    m = int(np.argmax(worst))
+    j = np.arange(n)
+    h = (kern._w_flat.reshape(plant.n_mics, plant.n_speakers, -1)[m] @ np.exp(kern.log_p[:, None] * j)).real
+    drive = np.sign(h[:, ::-1]).T[None].astype(np.float32)  # (1, n, S): d[n - 1 - j] = sign h[j]
+    linear = {}
+    for name, tolerance in (("cut", None), ("whole", 0.0)):
+        p = AcousticPlant(cfg)
+        if tolerance is not None:
+            p._TRUNCATION_LSB = tolerance  # nothing meets it: nothing is cut
+        captured = []
+        preamp = p._preamp
+        p._preamp = lambda y, _keep=captured, _f=preamp: (_keep.append(y.copy()), _f(y))[1]
+        p.process_shots(drive)
+        linear[name] = captured[0][0]  # (M, n): the mics' linear signal at the ADC input
+    err = np.abs(linear["cut"] - linear["whole"])
+    assert err.max() < 0.01 * LSB16
+    assert err[m, -1] > 0.2 * worst[m]  # this drive really does come near the bound
+
+
 def test_reset_and_ringing_state():
     plant = AcousticPlant(AcousticConfig.plate(**CLEAN))
     burst = tone(900.0, 0.1, 0.25)[:, None].astype(np.float32)
