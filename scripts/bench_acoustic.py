@@ -72,11 +72,11 @@ def real_path(rows: int) -> dict:
                 m = client.measure(x)
                 elapsed = time.perf_counter() - started
                 remeasured = int(np.count_nonzero(m.flags))
-            sd._terminate()
-            sd._initialize()
+            sd._terminate()  # PortAudio's JACK client must go before jackd does
         finally:
             sim.terminate()
             sim.wait(20)
+    sd._initialize()
     audio = rows * plan.duration_s
     return {"rows": rows, "seconds": elapsed, "rows_per_s": rows / elapsed, "audio_s_per_row": plan.duration_s,
             "limit_rows_per_s": 1 / plan.duration_s, "fraction_of_limit": audio / elapsed,
