@@ -13,7 +13,7 @@ import sys
 
 #: command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("labpnn.remote.cli", "serve a rig (RIG.toml) over ZeroMQ"),
+    "serve": ("labpnn.serve", "serve a rig (--config RIG.toml) or a fitted twin (--twin TWIN.pt) over ZeroMQ"),
     "monitor": ("labpnn.remote.monitor", "follow a device server's live stream: rates and trace statistics"),
     "keys": ("labpnn.remote.security", "create a CurveZMQ key pair"),
     "sim": ("labpnn.benches.cli", "start simulated instruments on 127.0.0.1 (e.g. `labpnn sim optical`)"),

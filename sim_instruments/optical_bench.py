@@ -89,12 +89,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-scale", type=float, default=1.0, help="detector noise multiplier")
     p.add_argument("--drift-scale", type=float, default=1.0, help="drift multiplier")
     p.add_argument("--no-gap", action="store_true", help="turn the deliberate model gap off")
+    p.add_argument("--copy-seed", type=int, default=0,
+                   help="which copy of the bench (0: the nominal one; others differ in fabrication details)")
+    p.add_argument("--copy-variation", type=float, default=1.0, help="copy-to-copy variation multiplier")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if min(args.settle_ms, args.sweep_ms, args.noise_scale, args.drift_scale) < 0:
+    if min(args.settle_ms, args.sweep_ms, args.noise_scale, args.drift_scale, args.copy_variation) < 0:
         print("error: times and scales must be >= 0", file=sys.stderr)
         return 2
     config = replace(
@@ -103,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         noise_scale=args.noise_scale,
         drift_scale=args.drift_scale,
         model_gap=not args.no_gap,
+        copy_seed=args.copy_seed,
+        copy_variation=args.copy_variation,
     )
     stop = threading.Event()
     previous = {}
@@ -129,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"waveshaper {bench.shaper_url}", flush=True)
         print(f"osa {bench.osa_resource}", flush=True)
+        if not bench.bench.fabrication.nominal:
+            fab = bench.bench.fabrication.summary()
+            print("copy " + " ".join(f"{k}={v:.6g}" for k, v in fab.items()), flush=True)
         while not stop.wait(0.5):
             pass
     finally:

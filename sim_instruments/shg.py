@@ -76,6 +76,20 @@ The light path
    (``beta`` = 3 % at full scale). ``kappa`` stays calibrated on the nominal model, so neither is
    absorbed. ``model_gap=False`` gives the nominal model exactly.
 
+8. **Copy-to-copy variation** (``copy_seed``; 0 = the nominal copy, exactly: today's bench bit for
+   bit). Another copy is the same design built again (`fabricate`, deterministic per copy seed,
+   independent of ``seed``; each draw Gaussian, clipped at 3 sigma; ``copy_variation`` scales all):
+   crystal length (``T1, T2``) RMS 3 % (polishing tolerance), phase-matching centre RMS 0.12 THz
+   (~1 nm: cut angle / oven temperature), shaper insertion-loss ripple 0.3 dB RMS across the band
+   (a smooth random curve, folded into the channel weights and the profile path alike), shaper
+   frequency calibration RMS 3 GHz (whole 1 GHz steps), OSA wavelength offset RMS 0.01 nm, the
+   oscillator's centre RMS 0.1 nm and bandwidth RMS 3 %, SH efficiency (focusing, coupling) RMS 5 %.
+   ``kappa`` stays the design's calibration. Against the nominal copy, noiseless traces of random
+   0-10 dB masks change by 1.4-9 % of the peak RMS (copies 1-5; the one-shot noise is ~1.5 %).
+   A vowel classifier trained with PAT on copy 0 (20 epochs, seeds 0 and 1; 52 test samples, 1.9
+   points each) scores 92-94 % there, 85-87 % on copy 1, 73-85 % on copy 2, 62-69 % on copy 3;
+   at ``copy_variation=0.5`` copies 1 and 2 cost it 2 and 10 points.
+
 Default bench figures (`OpticalBenchConfig()`, measured with this code; checked in the tests)
 ----------------------------------------------------------------------------------------------
 - Peak SNR (mean / std at the peak pixel, one shot): fully transmitted pulse ~200 (peak 0.58 of
@@ -89,7 +103,7 @@ Default bench figures (`OpticalBenchConfig()`, measured with this code; checked 
 - Cost: ~0.15-0.25 ms per `shot` (512 pixels), similar per row in `measure_batch` (2 shared cores,
   numpy 2; three FFTs of 5 x 768 points dominate). No BLAS calls, so no thread spin-up.
 
-Everything is deterministic given ``seed`` and the sequence of shots (``shot`` and
+Everything is deterministic given ``seed``, ``copy_seed`` and the sequence of shots (``shot`` and
 ``measure_batch`` draw the same random streams, so they give identical results).
 """
 from __future__ import annotations
@@ -100,7 +114,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["C_M_PER_S", "OpticalBenchConfig", "SHGBench", "thz_to_m", "m_to_thz"]
+__all__ = ["C_M_PER_S", "Fabrication", "OpticalBenchConfig", "SHGBench", "fabricate", "thz_to_m", "m_to_thz"]
 
 C_M_PER_S = 299_792_458.0
 _FOUR_LN2 = 4.0 * math.log(2.0)
@@ -119,7 +133,8 @@ def m_to_thz(wavelength_m):
 @dataclass(frozen=True)
 class OpticalBenchConfig:
     """The default bench (see the module docstring). Knobs for tests: ``noise_scale``,
-    ``drift_scale``, ``model_gap``, ``seed``; the rest describes the hardware."""
+    ``drift_scale``, ``model_gap``, ``seed``; ``copy_seed`` picks a copy of the bench (item 8);
+    the rest describes the hardware."""
 
     n_channels: int = 64
     n_pixels: int = 512
@@ -156,6 +171,18 @@ class OpticalBenchConfig:
     energy_drift_per_1k: float = 0.001  # RMS relative change of pulse energy over 1,000 shots
     center_drift_nm_per_1k: float = 0.003  # RMS change of the centre wavelength over 1,000 shots
     drift_corr_shots: float = 50_000.0
+    # copy-to-copy variation: which fabricated/assembled copy of the bench (0 = the nominal copy,
+    # exactly); RMS amounts of a second bench built to the same design, all scaled by copy_variation
+    copy_seed: int = 0
+    copy_variation: float = 1.0
+    copy_crystal_length: float = 0.03  # crystal length (T1, T2), relative: polishing tolerance
+    copy_phase_match_thz: float = 0.12  # phase-matching centre (crystal cut angle / temperature), THz
+    copy_ripple_db: float = 0.3  # shaper insertion-loss ripple across the band, dB (RMS over the band)
+    copy_shaper_offset_thz: float = 0.003  # shaper frequency calibration offset, THz
+    copy_osa_offset_nm: float = 0.01  # OSA wavelength calibration offset, nm
+    copy_center_nm: float = 0.1  # the copy's oscillator: centre wavelength, nm
+    copy_fwhm: float = 0.03  # the copy's oscillator: bandwidth, relative
+    copy_efficiency: float = 0.05  # SH efficiency (focusing, coupling into the OSA fibre), relative
 
     def __post_init__(self):
         b0, b1 = self.shaper_band_thz
@@ -167,10 +194,71 @@ class OpticalBenchConfig:
         n_fine = (b1 - b0) / self.profile_step_thz
         if abs(m - round(m)) > 1e-6 or abs(n_fine - round(n_fine)) > 1e-6 or round(n_fine) % round(m):
             raise ValueError("band / grid_step / profile_step must be commensurate")
-        if min(self.noise_scale, self.drift_scale, self.resolution_m, self.full_scale_w) < 0:
+        if min(self.noise_scale, self.drift_scale, self.resolution_m, self.full_scale_w, self.copy_variation) < 0:
             raise ValueError("scales must be non-negative")
         if not 0 <= self.adc_bias_counts < self.full_scale_counts:
             raise ValueError("adc_bias_counts must lie in [0, full_scale_counts)")
+
+
+@dataclass(frozen=True)
+class Fabrication:
+    """What makes one copy of the bench differ from the design (`OpticalBenchConfig` docstring,
+    item 8). The nominal copy (``copy_seed=0``) has every offset 0, every factor 1 and no ripple."""
+
+    copy_seed: int
+    crystal_length: float  #: actual / design crystal length (on top of the model gap's +10 %)
+    phase_match_thz: float  #: phase-matching centre minus the design centre, THz
+    ripple_db: np.ndarray | None  #: shaper insertion loss across the band on the 0.001 THz grid, dB
+    shaper_offset_thz: float  #: where a mask lands minus where it was sent, THz (whole grid steps)
+    osa_offset_m: float  #: true minus reported wavelength of the OSA's pixels, m
+    center_thz: float  #: the copy's oscillator centre, THz
+    fwhm_thz: float  #: the copy's oscillator bandwidth (intensity FWHM), THz
+    efficiency: float  #: SH efficiency relative to the design
+
+    @property
+    def nominal(self) -> bool:
+        return self.copy_seed == 0 or self.ripple_db is None
+
+    def summary(self) -> dict:
+        """Plain numbers (for logs and tests): the offsets above, the ripple's RMS and peak-to-peak."""
+        rip = np.zeros(1) if self.ripple_db is None else self.ripple_db
+        return {"copy_seed": self.copy_seed, "crystal_length": self.crystal_length,
+                "phase_match_thz": self.phase_match_thz, "ripple_rms_db": float(np.sqrt(np.mean(rip**2))),
+                "ripple_pp_db": float(np.ptp(rip)), "shaper_offset_thz": self.shaper_offset_thz,
+                "osa_offset_nm": self.osa_offset_m * 1e9, "center_thz": self.center_thz, "fwhm_thz": self.fwhm_thz,
+                "efficiency": self.efficiency}
+
+
+def fabricate(cfg: OpticalBenchConfig) -> Fabrication:
+    """The copy ``cfg.copy_seed`` of the bench: deterministic per copy seed, independent of ``seed``
+    (noise and drift). Each draw is Gaussian with the config's RMS, clipped at 3 sigma."""
+    v = cfg.copy_variation if cfg.copy_seed != 0 else 0.0
+    if v == 0.0:
+        return Fabrication(cfg.copy_seed, 1.0, 0.0, None, 0.0, 0.0, cfg.center_thz, cfg.fwhm_thz, 1.0)
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([cfg.copy_seed, 0x5C6])))
+
+    def z() -> float:
+        return float(np.clip(rng.standard_normal(), -3.0, 3.0))
+
+    length = 1.0 + v * cfg.copy_crystal_length * z()
+    pm = v * cfg.copy_phase_match_thz * z()
+    # insertion-loss ripple: a smooth random curve across the band (harmonics 1-6, amplitudes ~ 1/k),
+    # scaled to the stated RMS
+    b0, b1 = cfg.shaper_band_thz
+    n_fine = int(round((b1 - b0) / cfg.profile_step_thz))
+    u = (np.arange(n_fine) + 0.5) / n_fine
+    k = np.arange(1, 7)
+    amp = rng.standard_normal(k.size) / k
+    phase = rng.uniform(0, 2 * np.pi, k.size)
+    curve = (amp[:, None] * np.sin(np.pi * k[:, None] * u[None, :] + phase[:, None])).sum(0)
+    curve = curve - curve.mean()
+    ripple = v * cfg.copy_ripple_db * curve / max(float(np.sqrt(np.mean(curve**2))), 1e-12)
+    shift = round(v * cfg.copy_shaper_offset_thz * z() / cfg.profile_step_thz) * cfg.profile_step_thz
+    osa = v * cfg.copy_osa_offset_nm * z() * 1e-9
+    lam_c = thz_to_m(cfg.center_thz) + v * cfg.copy_center_nm * z() * 1e-9
+    fwhm = cfg.fwhm_thz * (1.0 + v * cfg.copy_fwhm * z())
+    eff = 1.0 + v * cfg.copy_efficiency * z()
+    return Fabrication(cfg.copy_seed, length, pm, ripple, float(shift), osa, float(m_to_thz(lam_c)), fwhm, eff)
 
 
 @dataclass
@@ -216,18 +304,37 @@ class SHGBench:
         self.freq_thz = b0 + (np.arange(n) + 0.5) * self._df  #: fundamental grid (bin centres), THz
         self.sh_freq_thz = 2 * b0 + (np.arange(2 * n - 1) + 1.0) * self._df  #: SH grid, THz
         self._nfft = _good_fft_size(2 * n - 1)
-        # channel -> bin averaging, sparse: bin k = sum_j w[k, j] * channel idx[k, j] (no BLAS here)
-        fine_ch = (np.arange(self._n_fine) * cfg.n_channels) // self._n_fine
-        cmat = np.zeros((n, cfg.n_channels))
-        np.add.at(cmat, (np.arange(self._n_fine) // self._m, fine_ch), 1.0 / self._m)
+        self.fabrication = fab = fabricate(cfg)  #: what makes this copy differ from the design
+        self._center_thz, self._fwhm_thz = cfg.center_thz, cfg.fwhm_thz  # the design pulse (for kappa)
+        # channel -> bin averaging, sparse: bin k = sum_j w[k, j] * channel idx[k, j] (no BLAS here);
+        # a copy's shaper puts channel c at a frequency offset (whole 0.001 THz steps: light below the
+        # first channel is blocked) and has an insertion-loss ripple, both folded into the weights
+        self._shift = int(round(fab.shaper_offset_thz / cfg.profile_step_thz))
+        self._ripple = None if fab.ripple_db is None else 10.0 ** (-fab.ripple_db / 20.0)
+        fine = np.arange(self._n_fine)
+        if self._shift == 0 and self._ripple is None:
+            fine_ch = (fine * cfg.n_channels) // self._n_fine
+            cmat = np.zeros((n, cfg.n_channels))
+            np.add.at(cmat, (fine // self._m, fine_ch), 1.0 / self._m)
+        else:
+            fine_ch = ((fine - self._shift) * cfg.n_channels) // self._n_fine
+            ok = (fine_ch >= 0) & (fine_ch < cfg.n_channels)
+            weight = (np.ones(self._n_fine) if self._ripple is None else self._ripple) / self._m
+            cmat = np.zeros((n, cfg.n_channels))
+            np.add.at(cmat, (fine[ok] // self._m, fine_ch[ok]), weight[ok])
         width = int((cmat > 0).sum(axis=1).max())
         order = np.argsort(cmat <= 0, axis=1, kind="stable")[:, :width]
         self._bin_ch = order
         self._bin_w = np.take_along_axis(cmat, order, axis=1)
-        # crystals
+        # crystals: the design (for kappa), and this copy's (model gap, length, phase-matching centre)
         scale = 1.0 + cfg.crystal_length_error if cfg.model_gap else 1.0
         self._nominal = self._make_crystal(cfg.t1_ps, cfg.t2_ps)
-        self._crystal = self._make_crystal(cfg.t1_ps * scale, cfg.t2_ps * scale)
+        if fab.nominal:
+            self._crystal = self._make_crystal(cfg.t1_ps * scale, cfg.t2_ps * scale)
+        else:
+            scale *= fab.crystal_length
+            self._crystal = self._make_crystal(cfg.t1_ps * scale, cfg.t2_ps * scale,
+                                               cfg.center_thz + fab.phase_match_thz)
         self._compression = cfg.compression if cfg.model_gap else 0.0
         # detector calibration
         self._c_fs = cfg.full_scale_counts - cfg.adc_bias_counts
@@ -245,6 +352,8 @@ class SHGBench:
         self._shots = 0
         self._axes: dict = {}
         self._trans = np.ones(n, dtype=complex)
+        if not self.fabrication.nominal:  # the open shaper of a copy: its ripple and calibration
+            self._trans = self.channel_transmission(np.zeros(cfg.n_channels)).astype(complex)
         self._default_wl = np.linspace(cfg.wavelength_start_m, cfg.wavelength_stop_m, cfg.n_pixels)
         self._default_wl.flags.writeable = False
         # efficiency calibration on the nominal model, default axis, full transmission, no drift
@@ -253,6 +362,11 @@ class SHGBench:
         psd = self._psd(self._sh_field(e0, self._nominal))
         p0 = self._instrument(psd, self.default_wavelengths_m, cfg.resolution_m)
         self._kappa = cfg.peak_fraction * cfg.full_scale_w / float(p0.max())
+        # the copy: its own oscillator and SH efficiency (kappa stays the design's calibration)
+        self._osa_offset_m = fab.osa_offset_m
+        if not fab.nominal:
+            self._center_thz, self._fwhm_thz = fab.center_thz, fab.fwhm_thz
+            self._kappa *= fab.efficiency
 
     # ------------------------------------------------------------------ description
     @property
@@ -326,9 +440,12 @@ class SHGBench:
             raise ValueError("phase_rad must be finite")
         t = self._amplitude(attn) * np.exp(1j * ph)
         j = np.rint((f - self.config.shaper_band_thz[0]) / self.config.profile_step_thz).astype(np.int64)
+        j += self._shift  # a copy's shaper calibration: where the mask lands
         keep = (j >= 0) & (j < self._n_fine)
         fine = np.zeros(self._n_fine, dtype=complex)
         fine[j[keep]] = t[keep]
+        if self._ripple is not None:
+            fine *= self._ripple
         trans = fine.reshape(self._n, self._m).mean(axis=1)
         with self._lock:
             self._trans = trans
@@ -341,7 +458,7 @@ class SHGBench:
         return np.where(attn > self.config.shaper_max_attn_db, 0.0, amp)
 
     # ------------------------------------------------------------------ physics
-    def _make_crystal(self, t1: float, t2: float) -> _Crystal:
+    def _make_crystal(self, t1: float, t2: float, phase_match_thz: float | None = None) -> _Crystal:
         if t1 == 0.0 and t2 == 0.0:
             m = 1
             nodes, weights = np.array([0.5]), np.array([1.0])
@@ -349,7 +466,7 @@ class SHGBench:
             m = self.config.n_slices
             x, w = np.polynomial.legendre.leggauss(m)
             nodes, weights = (x + 1) / 2, w / 2
-        d = self.freq_thz - self.config.center_thz
+        d = self.freq_thz - (self.config.center_thz if phase_match_thz is None else phase_match_thz)
         a = weights[:, None] * np.exp(2j * np.pi * t1 * nodes[:, None] * d[None, :])
         b = np.exp(2j * np.pi * t2 * nodes[:, None] * d[None, :])
         return _Crystal(ab=np.concatenate([a, b]), w=weights, t1_ps=t1, t2_ps=t2)
@@ -358,9 +475,9 @@ class SHGBench:
         """Field amplitude on the grid; energy/dnu scalars or (B,) arrays -> (n,) or (B, n)."""
         energy = np.asarray(energy, dtype=float)
         dnu = np.asarray(dnu, dtype=float)
-        x = self.freq_thz - self.config.center_thz - dnu[..., None]
+        x = self.freq_thz - self._center_thz - dnu[..., None]
         return np.sqrt(np.maximum(energy, 0.0))[..., None] * np.exp(
-            -0.5 * _FOUR_LN2 * (x / self.config.fwhm_thz) ** 2
+            -0.5 * _FOUR_LN2 * (x / self._fwhm_thz) ** 2
         )
 
     def _sh_field(self, e: np.ndarray, crystal: _Crystal) -> np.ndarray:
@@ -410,6 +527,12 @@ class SHGBench:
         dl = (ax.wavelengths_m[pixels, None] - lam_k) / ax.resolution_m
         wts = np.where(valid, np.exp(-_FOUR_LN2 * dl**2) * self._df, 0.0)
         return idx, wts
+
+    def _true_wavelengths(self, wavelengths_m):
+        """Where the OSA's pixels really are: a copy's OSA reads its axis with a calibration offset."""
+        if self._osa_offset_m == 0.0:
+            return wavelengths_m
+        return np.asarray(wavelengths_m, dtype=float) + self._osa_offset_m
 
     def _instrument(self, psd: np.ndarray, wavelengths_m, resolution_m) -> np.ndarray:
         """SH PSD (..., K) on the SH grid -> power in the RBW (W) at each pixel (..., S):
@@ -468,14 +591,14 @@ class SHGBench:
     def sh_spectrum(self, wavelengths_m=None, resolution_m=None) -> np.ndarray:
         """Noiseless SH power in the resolution bandwidth (W) on a wavelength axis: no drift, no
         detector (no noise, quantisation, compression or saturation). Pure: no shot is taken."""
-        wl = self.default_wavelengths_m if wavelengths_m is None else wavelengths_m
+        wl = self._true_wavelengths(self.default_wavelengths_m if wavelengths_m is None else wavelengths_m)
         res = self.config.resolution_m if resolution_m is None else resolution_m
         return self._instrument(self.sh_psd()[1], wl, res)
 
     def shot(self, wavelengths_m=None, resolution_m=None) -> tuple[np.ndarray, bool]:
         """One noisy measurement of the current mask: (power_W float64[S], saturated).
         Advances the drift by one shot."""
-        wl = self.default_wavelengths_m if wavelengths_m is None else wavelengths_m
+        wl = self._true_wavelengths(self.default_wavelengths_m if wavelengths_m is None else wavelengths_m)
         res = self.config.resolution_m if resolution_m is None else resolution_m
         with self._lock:
             energy, dnu = self._advance_drift(1)
@@ -490,7 +613,7 @@ class SHGBench:
         attn = np.atleast_2d(np.asarray(attn_db, dtype=float))
         ph = None if phase_rad is None else np.atleast_2d(np.asarray(phase_rad, dtype=float))
         trans = self.channel_transmission(attn, ph)
-        wl = self.default_wavelengths_m if wavelengths_m is None else wavelengths_m
+        wl = self._true_wavelengths(self.default_wavelengths_m if wavelengths_m is None else wavelengths_m)
         res = self.config.resolution_m if resolution_m is None else resolution_m
         b = trans.shape[0]
         outs, sats = [], []

@@ -1,88 +1,12 @@
-"""``labpnn serve`` and ``labpnn replay``: a rig from a config, or recorded sessions, behind a
-`DeviceServer` (``monitor`` and ``keys`` live beside what they use: `monitor`, `security`).
+"""``labpnn replay``: recorded sessions behind a `DeviceServer` (``monitor`` and ``keys`` live beside
+what they use: `monitor`, `security`; ``labpnn serve`` is the top-level `labpnn.serve`, which may
+also serve a fitted twin).
 
 Imports no torch: the lab PC may not have it.
 """
 from __future__ import annotations
 
 import sys
-import threading
-
-import zmq
-
-from labpnn.config import ConfigError
-from labpnn.remote.server import DeviceServer, InsecureBind
-
-
-def cli_serve(parser):
-    parser.add_argument("--config", required=True, metavar="RIG.toml", help="rig configuration file")
-    parser.add_argument("--bind", help="request socket address (default: [server] bind)")
-    parser.add_argument("--publish", help="live stream address, '' to disable (default: [server] publish)")
-    parser.add_argument("--insecure", action="store_true",
-                        help="allow a non-loopback address without CURVE (anyone on the network can drive the rig)")
-    parser.add_argument("--curve-keys", metavar="DIR",
-                        help="CURVE keys: DIR/server.key_secret and DIR/authorized/*.key (client public keys)")
-    parser.add_argument("--publish-traces", action="store_true", help="attach full traces to the live stream")
-    parser.add_argument("--record", metavar="DIR", help="record every batch served into a session in DIR")
-
-    def handler(args) -> int:
-        import sys
-
-        from labpnn.config import build_rig, load_config
-
-        try:
-            config = load_config(args.config)
-        except ConfigError as exc:
-            print(f"labpnn serve: {exc}", file=sys.stderr)
-            return 2
-        try:
-            rig = build_rig(config)
-        except (ConfigError, ValueError) as exc:
-            print(f"labpnn serve: {exc}", file=sys.stderr)
-            return 2
-        connect = getattr(rig, "connect", None)
-        if connect is not None:
-            connect()
-        system = rig
-        if args.record:  # a lab-side record of everything the rig does, whoever asks
-            from labpnn.sessions import record_to
-
-            system = record_to(args.record, rig, name=config.name, on_write_error="warn")
-            print(f"labpnn serve: recording to {system.writer.path}", flush=True)
-        try:
-            try:
-                server = DeviceServer(system, config.server, bind=args.bind, publish=args.publish,
-                                      insecure=args.insecure, curve_keys=args.curve_keys, name=config.name,
-                                      publish_traces=args.publish_traces)
-            except (InsecureBind, FileNotFoundError, ValueError) as exc:
-                print(f"labpnn serve: {exc}", file=sys.stderr)
-                return 2
-            _serve_cli(server)
-        finally:
-            close = getattr(system, "close", None)
-            if close is not None:
-                close()
-        return 0
-
-    return handler
-
-
-def _serve_cli(server: DeviceServer) -> None:
-    import sys
-
-    def announce():
-        server._ready.wait()
-        if server._start_error is None:
-            print(f"labpnn serve: {server.name} listening on {server.address}"
-                  + (f", live stream on {server.publish_address}" if server.publish_address else "")
-                  + (" (CURVE)" if server._curve else ""), flush=True)
-            sys.stdout.flush()
-
-    threading.Thread(target=announce, daemon=True).start()
-    try:
-        server.serve_forever()
-    except zmq.ZMQError as exc:
-        raise SystemExit(f"labpnn serve: cannot bind: {exc}") from None
 
 
 def cli_replay(parser):

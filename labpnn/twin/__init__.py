@@ -1,8 +1,8 @@
 """The digital twin: a torch model of ``controls -> traces`` fitted from measurements.
 
 Owns the model and its checkpoints (`model`), fitting and its metrics (`fit`, `metrics`), online
-refinement with the drift alarm (`online`), calibration sweeps (`calibrate`, numpy only) and the
-``calibrate`` / ``twin`` commands (`cli`).
+refinement with the drift alarm (`online`), calibration sweeps (`calibrate`, numpy only), a twin
+served as a (labelled) rig (`served`) and the ``calibrate`` / ``twin`` commands (`cli`).
 
 May import: ``labpnn.contract``, ``labpnn.sessions``, ``labpnn.config`` and ``labpnn.remote`` (the
 commands reach a rig through them); never ``labpnn.training`` or ``labpnn.benches``, never
@@ -14,12 +14,13 @@ from labpnn import lazy_exports
 EXPORTS = {
     **dict.fromkeys(("FORMAT", "ControlFeatures", "GatedBlock", "ResidualMLP", "Twin", "jsonable", "load_twin",
                      "save_twin"), "labpnn.twin.model"),
-    **dict.fromkeys(("FIT_TAGS", "NOISE_TAG", "FitReport", "SessionData", "fit_twin", "fit_twin_from_data",
+    **dict.fromkeys(("FIT_TAGS", "NOISE_TAG", "FitReport", "SessionData", "TwinDataRefused", "fit_twin", "fit_twin_from_data",
                      "fit_twin_from_sessions", "load_sessions", "split_by_time", "train_twin"), "labpnn.twin.fit"),
     **dict.fromkeys(("control_groups", "expected_noise_var", "fit_noise_model", "noise_from_repeats",
                      "noise_variance", "regression_metrics"), "labpnn.twin.metrics"),
     **dict.fromkeys(("DriftAlarm", "OnlineTwinFitter"), "labpnn.twin.online"),
     **dict.fromkeys(("calibrate", "near_sampler", "plan_calibration", "uniform_sampler"), "labpnn.twin.calibrate"),
+    **dict.fromkeys(("TwinSystem", "is_twin_describe"), "labpnn.twin.served"),
 }
 __getattr__, __dir__ = lazy_exports(__name__, EXPORTS)
 __all__ = sorted(EXPORTS)

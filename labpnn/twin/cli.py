@@ -45,6 +45,9 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", metavar="PNG", help="predicted vs measured held-out traces")
     p.add_argument("--json", action="store_true", help="print the fit report as JSON")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--allow-twin-data", action="store_true",
+                   help="fit on sessions recorded from a served twin (`labpnn serve --twin`) too; refused by "
+                        "default: a twin fitted to them learns that twin, not the physics")
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -79,19 +82,24 @@ def cli_twin(parser: argparse.ArgumentParser):
 def _fit(args: argparse.Namespace) -> int:
     import torch
 
-    from labpnn.twin.fit import FIT_TAGS, fit_twin_from_data, load_sessions
+    from labpnn.twin.fit import FIT_TAGS, TwinDataRefused, fit_twin_from_data, load_sessions
     from labpnn.twin.model import save_twin
 
     if args.threads:
         torch.set_num_threads(args.threads)
     tags = tuple(args.tags) if args.tags else FIT_TAGS
     data = load_sessions(args.sessions, tags=tags)
-    twin, report = fit_twin_from_data(
-        data, tags=tags, width=args.width, depth=args.depth, block=args.block, features=args.features, epochs=args.epochs,
-        max_seconds=args.max_seconds, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        patience=args.patience, holdout=args.holdout, val=args.val, loss=args.loss, device=args.device,
-        seed=args.seed, progress=not args.no_progress,
-        meta={"command": "labpnn twin fit " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [])})
+    try:  # sessions recorded from a served twin are refused before anything is fitted
+        twin, report = fit_twin_from_data(
+            data, tags=tags, allow_twin_data=args.allow_twin_data, width=args.width, depth=args.depth,
+            block=args.block, features=args.features, epochs=args.epochs,
+            max_seconds=args.max_seconds, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+            patience=args.patience, holdout=args.holdout, val=args.val, loss=args.loss, device=args.device,
+            seed=args.seed, progress=not args.no_progress,
+            meta={"command": "labpnn twin fit " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [])})
+    except TwinDataRefused as exc:
+        print(f"labpnn twin fit: refused: {exc}", file=sys.stderr)
+        return 2
     save_twin(twin, args.output)
     if args.plot:
         hold = _rows(twin.meta["split"]["holdout"])

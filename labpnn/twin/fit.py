@@ -458,6 +458,8 @@ def load_sessions(paths: Sequence[str | Path] | str | Path, *, tags: Iterable[st
             stamps = np.asarray(reader.timestamps[rows] if len(rows) else np.empty(0), np.float64)
             desc = dict(reader.describe)
             n_total = int(reader.n_rows)
+            twin_marks = [seg.describe["twin"] for seg in getattr(reader, "segments", [reader])
+                          if isinstance(getattr(seg, "describe", {}).get("twin"), Mapping)]
         finally:
             close = getattr(reader, "close", None)
             if close is not None:
@@ -476,8 +478,12 @@ def load_sessions(paths: Sequence[str | Path] | str | Path, *, tags: Iterable[st
         ts.append(stamps)
         tg.append(tags_arr[rows])
         counts = {str(t): int(c) for t, c in zip(*np.unique(tags_arr[rows], return_counts=True))}
-        sources.append({"path": str(Path(path).resolve()), "rows": _ranges(rows), "n_rows": int(len(rows)),
-                        "n_rows_in_file": n_total, "tags": counts})
+        source = {"path": str(Path(path).resolve()), "rows": _ranges(rows), "n_rows": int(len(rows)),
+                  "n_rows_in_file": n_total, "tags": counts}
+        if twin_marks:  # recorded from a twin served as a rig (`labpnn serve --twin`): not the physics
+            mark = twin_marks[0]
+            source["twin"] = {"path": mark.get("path"), "sha256": mark.get("sha256")}
+        sources.append(source)
     controls = np.concatenate(xs) if xs else np.empty((0, 0), np.float32)
     traces = np.concatenate(ys) if ys else np.empty((0, 0), np.float32)
     stamps = np.concatenate(ts) if ts else np.empty(0)
@@ -486,20 +492,44 @@ def load_sessions(paths: Sequence[str | Path] | str | Path, *, tags: Iterable[st
     return SessionData(controls[order], traces[order], stamps[order], tags_all[order], sources, describe)
 
 
+class TwinDataRefused(ValueError):
+    """Session rows recorded from a twin served as a rig (`labpnn.twin.served.TwinSystem`): a twin
+    fitted to them would learn that twin, not the physics."""
+
+
 def fit_twin_from_sessions(
     paths: Sequence[str | Path] | str | Path,
     *,
     tags: Iterable[str] | None = FIT_TAGS,
+    allow_twin_data: bool = False,
     **kwargs: Any,
 ) -> tuple[Twin, FitReport]:
     """`fit_twin` on the rows of session files tagged ``tags``; rows tagged ``noise`` give the
-    noise floor. The checkpoint's meta records each file, the rows used and the tag filter."""
-    return fit_twin_from_data(load_sessions(paths, tags=tags), tags=tags, **kwargs)
+    noise floor. The checkpoint's meta records each file, the rows used, the tag filter and the
+    rig's describe (``meta["describe"]``, what `labpnn.twin.served.TwinSystem` serves it with).
+
+    Sessions recorded from a served twin (their describe has a ``twin`` key) are refused with
+    `TwinDataRefused` unless ``allow_twin_data=True`` (then the twin's meta says so)."""
+    return fit_twin_from_data(load_sessions(paths, tags=tags), tags=tags, allow_twin_data=allow_twin_data, **kwargs)
 
 
-def fit_twin_from_data(data: SessionData, *, tags: Iterable[str] | None = FIT_TAGS,
+def twin_sources(data: SessionData) -> list[dict[str, Any]]:
+    """The sources of ``data`` recorded from a served twin (empty: all measured on a rig)."""
+    return [s for s in data.sources if s.get("twin")]
+
+
+def fit_twin_from_data(data: SessionData, *, tags: Iterable[str] | None = FIT_TAGS, allow_twin_data: bool = False,
                        **kwargs: Any) -> tuple[Twin, FitReport]:
-    """`fit_twin` on rows already read by `load_sessions` (row order = the fit's row order)."""
+    """`fit_twin` on rows already read by `load_sessions` (row order = the fit's row order).
+    Refuses rows recorded from a served twin (`TwinDataRefused`) unless ``allow_twin_data``."""
+    from_twin = twin_sources(data)
+    if from_twin and not allow_twin_data:
+        names = ", ".join(s["path"] for s in from_twin)
+        raise TwinDataRefused(
+            f"{names}: recorded from a digital twin served as a rig (labpnn serve --twin "
+            f"{from_twin[0]['twin'].get('path')}), not from the physics; a twin fitted to it would learn "
+            "that twin. Fit on sessions measured on the rig (or allow it on purpose: allow_twin_data=True, "
+            "`labpnn twin fit --allow-twin-data`)")
     if data.controls.shape[0] == 0:
         raise ValueError(f"no rows tagged {tuple(tags) if tags else 'anything'} in "
                          f"{[s['path'] for s in data.sources]}")
@@ -508,7 +538,11 @@ def fit_twin_from_data(data: SessionData, *, tags: Iterable[str] | None = FIT_TA
     system = {"name": desc.get("name"), "n_controls": desc.get("n_controls"), "n_outputs": desc.get("n_outputs"),
               "axis": {"name": axis.get("name"), "unit": axis.get("unit")},
               "instruments": desc.get("instruments")}
-    meta = {**kwargs.pop("meta", {}), "system": system, "tags": list(tags) if tags is not None else None}
+    meta = {**kwargs.pop("meta", {}), "system": system, "describe": dict(desc),
+            "tags": list(tags) if tags is not None else None}
+    if from_twin:
+        meta["fitted_on_twin_data"] = [s["path"] for s in from_twin]
+        log.warning("fitting a twin on rows recorded from a served twin (%s), as asked", meta["fitted_on_twin_data"])
     return fit_twin(data.controls, data.traces, timestamps=data.timestamps, noise_mask=data.noise_mask,
                     data=data.sources, meta=meta, **kwargs)
 
