@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from labpnn.contract import Measurement, measure_of
-from labpnn.protocols.errors import ErrorCode, LabpnnError
+from labpnn.protocols.errors import BadSetting, ErrorCode, LabpnnError
 from labpnn.sessions.layout import _TAG_BYTES, SessionWriteError, _encode_name, _jsonable, segment_path
 from labpnn.sessions.writer import SessionWriter
 
@@ -105,8 +105,11 @@ class RecordingSystem:
         return (self._record(m, tag) if isinstance(m, Measurement) else m for m in results)
 
     def configure(self, settings: Mapping[str, Any]) -> Any:
+        configure = getattr(self.system, "configure", None)
+        if configure is None:  # a plain PhysicalSystem: nothing to configure (a clear error, not a crash)
+            raise BadSetting(f"{type(self.system).__name__} has no settings to configure")
         try:
-            result = self.system.configure(settings)
+            result = configure(settings)
         except Exception as exc:
             self._event("configure_failed", str(exc), settings=settings)
             raise
