@@ -25,7 +25,6 @@ the VNA emulator on a loopback socket -> pyserial / PyVISA drivers -> `Rig` -> `
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -47,25 +46,6 @@ def instrument_time_s(rig_section: dict, n_bits: int, sweep_time_s: float) -> fl
     ms = rig_section["metasurface"]
     wire_bytes = len("!0x") + n_bits // 4 + 1 + len("#OK\n")
     return wire_bytes * 10 / ms["baud"] + ms["settle_s"] + sweep_time_s
-
-
-@contextlib.contextmanager
-def emulators_process():
-    """`labpnn sim microwave` as a separate process: yields (controller pty link, VNA resource)."""
-    import subprocess
-    import tempfile
-
-    link = Path(tempfile.mkdtemp()) / "ris"
-    proc = subprocess.Popen([sys.executable, "-m", "labpnn", "sim", "microwave", "--vna-port", "0",
-                             "--link", str(link)], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OPENBLAS_NUM_THREADS": "1"})
-    try:
-        vna = proc.stdout.readline().split()[1]
-        proc.stdout.readline()
-        yield str(link), vna
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 def throughput(rows: int, repeats: int) -> list[dict]:
@@ -91,7 +71,7 @@ def throughput(rows: int, repeats: int) -> list[dict]:
     out = []
     # the emulators run in their own process, as instruments do: in this one they would share the GIL
     # with the stack being measured
-    with emulators_process() as (serial_port, vna_resource):
+    with bench.emulators() as (serial_port, vna_resource):
         config = parse_config({"name": "microwave-sim", "rig": bench.rig_section(serial_port, vna_resource)}, "bench")
         for verify in (True, False):
             with build_rig(config).connect() as rig, \

@@ -43,28 +43,53 @@ def rig_section(serial_port: str, vna_resource: str, **vna: Any) -> dict[str, An
 
 
 @contextlib.contextmanager
+def emulators(*, seed: int = 0, copy_seed: int = 0, settle_s: float = 0.0) -> Iterator[tuple[str, str]]:
+    """``labpnn sim microwave`` in its own process (as the instruments are: separate hardware, so the
+    cavity's computations never stall the controller's replies through this process's GIL); yields
+    (the controller's serial port, the VNA's VISA resource) and stops it on exit."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    link = Path(tempfile.mkdtemp(prefix="labpnn-mw-")) / "metasurface"
+    settle_ms = 1e3 * (RIG["metasurface"]["settle_s"] + settle_s)
+    proc = subprocess.Popen([sys.executable, "-m", "labpnn.sim_instruments.microwave_bench", "--vna-port", "0",
+                             "--link", str(link), "--seed", str(seed), "--copy-seed", str(copy_seed),
+                             "--settle-ms", str(settle_ms)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", "OPENBLAS_NUM_THREADS": "1"})
+    try:
+        first = proc.stdout.readline().split()
+        if len(first) != 2 or first[0] != "vna":
+            raise RuntimeError(f"the microwave emulators did not start: {' '.join(first)} {proc.stderr.read()}")
+        proc.stdout.readline()
+        yield str(link), first[1]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        link.parent.rmdir() if link.parent.exists() and not any(link.parent.iterdir()) else None
+
+
+@contextlib.contextmanager
 def simulated_rig(*, settle_s: float = 0.0, sweep_s: float = 0.0, seed: int = 0, copy_seed: int = 0,
                   **vna: Any) -> Iterator[Rig]:
-    """A connected `Rig` on the emulators (controller on a pseudo-terminal, VNA on a random loopback
-    port), closed and stopped on exit. The sweep time follows from points and IF bandwidth (the
-    emulator's, as a real VNA's); ``settle_s`` adds to the metasurface's own settle time;
-    ``sweep_s`` is accepted for the common bench interface and ignored."""
-    from labpnn.sim_instruments.metasurface_cavity import CavityConfig
-    from labpnn.sim_instruments.microwave_bench import MicrowaveBenchEmulators
-
-    emulators = MicrowaveBenchEmulators(CavityConfig(seed=seed, copy_seed=copy_seed),
-                                        settle_s=RIG["metasurface"]["settle_s"] + settle_s).start()
-    try:
-        config = parse_config({"name": "microwave-sim",
-                               "rig": rig_section(emulators.serial_port, emulators.vna_resource, **vna)},
+    """A connected `Rig` on the emulators (`emulators`: the controller on a pseudo-terminal, the VNA
+    on a random loopback port, in their own process), closed and stopped on exit. The sweep time
+    follows from points and IF bandwidth (the emulator's, as a real VNA's); ``settle_s`` adds to the
+    metasurface's own settle time; ``sweep_s`` is accepted for the common bench interface and
+    ignored; ``vna``: VNA settings for the rig (e.g. ``output="reim"``)."""
+    with emulators(seed=seed, copy_seed=copy_seed, settle_s=settle_s) as (serial_port, vna_resource):
+        config = parse_config({"name": "microwave-sim", "rig": rig_section(serial_port, vna_resource, **vna)},
                               "microwave bench")
         rig = build_rig(config).connect()
         try:
             yield rig
         finally:
             rig.close()
-    finally:
-        emulators.stop()
 
 
 def sim_main(argv: list[str]) -> int:
