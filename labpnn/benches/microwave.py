@@ -27,7 +27,7 @@ N_META = 48
 RIG: dict[str, Any] = {
     "kind": "microwave",
     "metasurface": {"baud": 115200, "n_bits": 256, "atoms": list(range(N_META)), "bits_per_control": 1,
-                    "settle_s": 0.002, "verify": True, "timeout_s": 2.0},
+                    "settle_s": 0.002, "verify": True, "timeout_s": 5.0},
     "vna": {"dialect": "pna", "start_hz": 4.5e9, "stop_hz": 5.5e9, "points": 20, "if_bandwidth_hz": 10e3,
             "power_dbm": -10.0, "output": "mag", "data_format": "REAL,32", "byte_order": "SWAP"},
 }
