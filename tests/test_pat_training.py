@@ -143,8 +143,16 @@ def test_train_cli_in_process_rig(tmp_path, capsys):
                  "--twin", str(tmp_path / "twin.pt"), "--epochs", "2", "--report", str(tmp_path / "rep"),
                  "--session", str(tmp_path / "s.h5"), "--quiet"])
     assert code == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
     assert out["passes"]["train"] == 2 * 90 and (tmp_path / "rep" / "report.json").exists()
+    # the chosen settings and why, before training (stderr: stdout is the JSON summary), and in the report
+    assert "setting features = 3: 4 features > 3 = 60% of 16 channels / 3 copies each: PCA" in captured.err
+    assert "setting repeat = 3: round(0.6 x 16 channels / 3 features)" in captured.err
+    assert "setting epochs = 2 [user]: given by the caller" in captured.err
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert report["defaults"]["repeat"] == out["defaults"]["repeat"]
+    assert report["defaults"]["lr"]["source"] == "rule" and report["settings"]["lr"] == 0.05
 
 
 @pytest.mark.slow
@@ -158,3 +166,21 @@ def test_demo_quick(tmp_path):
     assert summary["results"]["pat"]["passes"]["train"] == 2 * 154
     for f in ("demo.json", "calibration.h5", "twin.pt", "pat/report.json", "insilico/report.json"):
         assert (tmp_path / "demo" / f).exists()
+
+
+def test_frozen_physical_parameters_stay_where_they_started():
+    from labpnn.benches import get_bench
+    from labpnn.training.datasets import make_dataset
+
+    rng = np.random.default_rng(0)
+    X = rng.random((60, 3)).astype(np.float32)
+    ds = make_dataset(X, (X[:, 0] > 0.5).astype(np.int64), ["a", "b"], ["f0", "f1", "f2"], name="t", seed=0)
+    with get_bench("test").simulated_rig(seed=1) as rig:
+        frozen = train(rig, ds, method="pat", epochs=2, seed=0, progress=False, calibration_rows=300,
+                       twin_seconds=5, freeze_physical=True, repeat=1)
+    from labpnn.training.network import build_network
+
+    fresh = build_network(16, 3, 2, repeat=1, n_outputs=512, layout=frozen.settings["layout"], seed=0)
+    np.testing.assert_array_equal(frozen.network.layers[0].theta.detach().numpy(),
+                                  fresh.layers[0].theta.detach().numpy())  # the same start, untouched (copied)
+    assert frozen.settings["freeze_physical"] is True

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,10 +17,11 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="vowels", help="vowels, digits, or a CSV/NPZ file")
     parser.add_argument("--twin", help="a twin checkpoint (default: calibrate and fit one)")
     parser.add_argument("--layers", type=int, default=1, choices=(1, 2, 3))
-    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--epochs", type=int, help="default: ~8,000 training passes / the training rows, in [8, 60]")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--batch-size", type=int, help="default: from the training rows, 16-64")
+    parser.add_argument("--lr", type=float, help="default: 0.05 x sqrt(batch / 16)")
+    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), help="default: cosine beyond 600 steps")
     parser.add_argument("--readout", choices=("physical", "hybrid"), default="physical",
                         help="hybrid: a digital linear classifier on the last layer (a hybrid network)")
     parser.add_argument("--session", help="record every batch to this session file (HDF5)")
@@ -27,11 +29,20 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--online-twin", action="store_true", help="refine the twin online from training batches")
     parser.add_argument("--checkpoint", help="checkpoint file, written after every epoch")
     parser.add_argument("--resume", help="resume from this checkpoint")
-    parser.add_argument("--calibration-rows", type=int, default=4000, help="calibration sweep size (without --twin)")
-    parser.add_argument("--twin-seconds", type=float, default=120.0, help="twin fitting budget (without --twin)")
+    parser.add_argument("--calibration-rows", type=int,
+                        help="first calibration sweep (without --twin; default 60 per control channel)")
+    parser.add_argument("--calibration-budget", type=int,
+                        help="most calibration rows to reach --twin-target (default 3x the first sweep)")
+    parser.add_argument("--twin-target", type=float,
+                        help="twin noise ratio on the operating region to reach (default 1.5; 1.0 = noise floor)")
+    parser.add_argument("--twin-seconds", type=float, help="twin fitting time per round (without --twin; default 120)")
     parser.add_argument("--hidden", type=int, help="pooled features between physical layers (default: as the input)")
-    parser.add_argument("--repeat", type=int, default=3, help="control channels per input feature")
+    parser.add_argument("--features", type=int, help="input features (fewer: PCA on the training split; "
+                        "default: all that fit in 60%% of the control channels)")
+    parser.add_argument("--repeat", type=int, help="control channels per input feature (default: fill ~60%% of them)")
     parser.add_argument("--layout", help="first layer's channel layout (default grouped:0.15-0.85)")
+    parser.add_argument("--pooling", choices=("balanced", "equal-mass", "equal-width"),
+                        help="readout bin placement (default balanced: every class can win)")
     parser.add_argument("--hidden-layout", help="deeper layers' channel layout (default: --layout)")
     parser.add_argument("--chunk-rows", type=int, default=0, help="PAT pipelining: rows per chunk (0: off)")
     parser.add_argument("--in-flight", type=int, default=2, help="PAT pipelining: chunks in flight")
@@ -39,9 +50,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def training_options(args: argparse.Namespace) -> dict[str, Any]:
-    """`TrainSettings` fields from `add_training_arguments` options (unset ones left at their defaults)."""
-    opts = {"batch_size": args.batch_size, "lr": args.lr, "readout": args.readout, "repeat": args.repeat,
-            "calibration_rows": args.calibration_rows, "twin_seconds": args.twin_seconds,
+    """`TrainSettings` fields from `add_training_arguments` options (unset ones None: chosen by
+    `labpnn.training.defaults`)."""
+    opts = {"batch_size": args.batch_size, "lr": args.lr, "lr_schedule": args.lr_schedule, "readout": args.readout,
+            "repeat": args.repeat, "features": args.features, "pooling": args.pooling,
+            "calibration_rows": args.calibration_rows, "calibration_budget": args.calibration_budget,
+            "twin_target": args.twin_target, "twin_seconds": args.twin_seconds,
             "chunk_rows": args.chunk_rows, "in_flight": args.in_flight, "hidden": args.hidden}
     if args.layout:
         opts["layout"] = args.layout
@@ -61,11 +75,16 @@ def cli_train(parser: argparse.ArgumentParser):
             result = train(system, args.dataset, method=args.method, twin=args.twin, layers=args.layers,
                            epochs=args.epochs, seed=args.seed, session=args.session, report_dir=args.report,
                            online_twin=args.online_twin, checkpoint=args.checkpoint, resume=args.resume,
-                           progress=not args.quiet, **training_options(args))
+                           progress=not args.quiet, announce=_announce, **training_options(args))
         print(json.dumps({k: v for k, v in result.summary().items() if k not in ("events", "twin_fit")}, indent=2))
         return 0
 
     return handler
+
+
+def _announce(line: str) -> None:
+    """A chosen setting and its reason, on stderr (stdout carries the JSON summary)."""
+    print(f"setting {line}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

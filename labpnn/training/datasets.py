@@ -17,7 +17,7 @@ split only; the same transform is applied to validation and test. No torch here.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,8 @@ class Dataset:
     scale: np.ndarray = field(repr=False, default_factory=lambda: np.ones(0))
     seed: int = 0
     source: str = ""
+    #: a feature reduction applied after scaling (`reduce_features`), or None
+    reduction: dict[str, Any] | None = None
 
     @property
     def n_features(self) -> int:
@@ -70,7 +72,8 @@ class Dataset:
 
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source, "seed": self.seed, "n_features": self.n_features,
-                "n_classes": self.n_classes, "classes": self.class_names, **self.sizes()}
+                "n_classes": self.n_classes, "classes": self.class_names, **self.sizes(),
+                **({"reduction": self.reduction} if self.reduction else {})}
 
 
 # -- raw loaders ----------------------------------------------------------------------------------
@@ -102,8 +105,20 @@ def load_digits_features(pool: int = 1) -> tuple[np.ndarray, np.ndarray, list[st
     return images.reshape(len(images), -1), digits.target.astype(np.int64), [str(c) for c in range(10)], names
 
 
-def load_file(path: str | Path) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
-    """A CSV (header row; feature columns and a ``label`` column) or an NPZ (``X``, ``y``)."""
+#: header names taken as the label column when there is no ``label`` column (case-insensitive)
+LABEL_NAMES = ("label", "class", "target", "y")
+
+
+def load_file(path: str | Path, *, label_column: str | None = None
+              ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """A CSV (header row; feature columns and a label column) or an NPZ (``X``, ``y``).
+
+    CSV rules: the label column is ``label_column`` if given, else the first header named
+    ``label``, ``class``, ``target`` or ``y`` (any case); without one it is an error naming the
+    columns found (no guessing: a wrong guess would train on the labels). Labels may be strings
+    (class names, kept) or numbers (numeric order). Every other cell must be a number: an empty
+    or non-numeric cell is an error naming its line, column and value. A file with one class
+    is an error. (Features that exceed a bench's channels are reduced later, by the trainer.)"""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such dataset file")
@@ -117,28 +132,55 @@ def load_file(path: str | Path) -> tuple[np.ndarray, np.ndarray, list[str], list
             raise ValueError(f"{path}: X must be [N, F] and y [N], got {X.shape} and {labels.shape}")
         feature_names = [f"x{i}" for i in range(X.shape[1])]
     else:
-        with path.open(newline="") as fh:
-            rows = [r for r in csv.reader(fh) if r]
-        if not rows:
-            raise ValueError(f"{path}: empty file")
-        header = [h.strip() for h in rows[0]]
-        if "label" not in header:
-            raise ValueError(f"{path}: the header needs a 'label' column (have: {', '.join(header)})")
-        li = header.index("label")
-        feature_names = [h for i, h in enumerate(header) if i != li]
-        try:
-            X = np.array([[float(v) for i, v in enumerate(r) if i != li] for r in rows[1:]])
-        except ValueError as exc:
-            raise ValueError(f"{path}: every column except 'label' must be numeric ({exc})") from None
-        labels = np.array([r[li].strip() for r in rows[1:]])
-        if X.ndim != 2 or X.shape[1] != len(feature_names):
-            raise ValueError(f"{path}: every row needs {len(header)} columns")
+        X, labels, feature_names = _read_csv(path, label_column)
     if not np.isfinite(X).all():
-        raise ValueError(f"{path}: features contain NaN or inf")
+        bad = np.argwhere(~np.isfinite(X))[0]
+        raise ValueError(f"{path}: features contain NaN or inf (first at data row {bad[0] + 1}, "
+                         f"column {feature_names[bad[1]]!r})")
+    if X.shape[1] == 0:
+        raise ValueError(f"{path}: no feature columns besides the label")
     classes = _sorted_labels(labels)
+    if len(classes) < 2:
+        raise ValueError(f"{path}: only one class ({classes[0] if classes else 'none'!r}) in "
+                         f"{len(labels)} rows; a classifier needs at least two")
     lookup = {c: i for i, c in enumerate(classes)}
     y = np.array([lookup[str(v)] for v in labels], dtype=np.int64)
     return X, y, classes, feature_names
+
+
+def _read_csv(path: Path, label_column: str | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    with path.open(newline="") as fh:
+        rows = [(n, r) for n, r in enumerate(csv.reader(fh), start=1) if r and any(v.strip() for v in r)]
+    if not rows:
+        raise ValueError(f"{path}: empty file")
+    header = [h.strip() for h in rows[0][1]]
+    wanted = [label_column] if label_column else list(LABEL_NAMES)
+    lowered = [h.lower() for h in header]
+    li = next((lowered.index(w.lower()) for w in wanted if w.lower() in lowered), None)
+    if li is None:
+        want = repr(label_column) if label_column else "'label' (or class, target, y)"
+        raise ValueError(f"{path}: no label column {want} in the header; columns found: {', '.join(header)}")
+    feature_names = [h for i, h in enumerate(header) if i != li]
+    if len(rows) < 2:
+        raise ValueError(f"{path}: a header and no data rows")
+    X = np.empty((len(rows) - 1, len(feature_names)))
+    labels = []
+    for k, (line, r) in enumerate(rows[1:]):
+        if len(r) != len(header):
+            raise ValueError(f"{path}, line {line}: {len(r)} values, the header has {len(header)} columns")
+        j = 0
+        for i, v in enumerate(r):
+            if i == li:
+                continue
+            try:
+                X[k, j] = float(v)
+            except ValueError:
+                shown = repr(v) if v.strip() else "an empty cell"
+                raise ValueError(f"{path}, line {line}, column {header[i]!r}: {shown} is not a number (every "
+                                 f"column except the label {header[li]!r} must be numeric)") from None
+            j += 1
+        labels.append(r[li].strip())
+    return X, np.array(labels), feature_names
 
 
 def _sorted_labels(labels: np.ndarray) -> list[str]:
@@ -199,6 +241,31 @@ def load_dataset(name: str | Path, *, seed: int = 0, fractions=(0.6, 0.2, 0.2), 
         X, y, classes, feats = load_file(path)
         source, key = str(path), path.stem
     return make_dataset(X, y, classes, feats, name=key, seed=seed, fractions=fractions, source=source)
+
+
+def reduce_features(ds: Dataset, n: int) -> Dataset:
+    """``ds`` with its (standardised) features projected on the first ``n`` principal components
+    of the training split, each component standardised on the training split again. The
+    fallback for more features than a bench's channels can take (`labpnn.training.defaults`)."""
+    if n >= ds.n_features:
+        return ds
+    if n < 1:
+        raise ValueError(f"cannot reduce to {n} features")
+    mean = ds.X_train.astype(np.float64).mean(0)
+    _, sv, vt = np.linalg.svd(ds.X_train.astype(np.float64) - mean, full_matrices=False)
+    comps = vt[:n]
+    explained = float((sv[:n] ** 2).sum() / max((sv ** 2).sum(), 1e-300))
+    z_train = (ds.X_train - mean) @ comps.T
+    scale = z_train.std(0)
+    scale[scale == 0] = 1.0
+
+    def t(X):
+        return (((X - mean) @ comps.T) / scale).astype(np.float32)
+
+    reduction = {"method": "pca", "from": ds.n_features, "to": n, "explained_variance": explained,
+                 "fitted_on": "train"}
+    return replace(ds, X_train=t(ds.X_train), X_val=t(ds.X_val), X_test=t(ds.X_test),
+                   feature_names=[f"pc{i + 1}" for i in range(n)], reduction=reduction)
 
 
 def logistic_baseline(ds: Dataset, *, C: float = 1.0) -> dict[str, float]:

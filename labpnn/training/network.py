@@ -122,6 +122,8 @@ class Pooling(nn.Module):
         if hi - lo < n_bins:  # too narrow: widen symmetrically
             pad = n_bins - (hi - lo)
             lo, hi = max(0, lo - pad), min(n, hi + pad)
+        if mode == "balanced":  # without rows to balance on: equal mass (see `balanced`)
+            mode = "equal-mass"
         if mode == "equal-width":
             return cls.equal_width(n, n_bins, (lo, hi))
         if mode != "equal-mass":
@@ -135,6 +137,60 @@ class Pooling(nn.Module):
         for k in range(len(edges) - 2, -1, -1):
             edges[k] = min(edges[k], edges[k + 1] - 1)
         return cls(n, edges)
+
+
+    @classmethod
+    def balanced(cls, traces: np.ndarray, n_bins: int, *, threshold: float = 0.01, min_share: float = 1 / 3,
+                 iterations: int = 400, step: float = 0.1) -> tuple[Pooling, dict[str, Any]]:
+        """Readout bins under which every bin can win: the bins of ``from_traces`` (equal mass on
+        the mean of ``traces`` [N, S]) if each is the argmax for at least ``min_share`` of its
+        fair share (1 / n_bins) of the rows; else re-placed. Equal mass equalises the bins'
+        means, not their spreads: a bin on a steep, bright part of the spectrum swings more
+        from row to row and takes the argmax, a flat one never does. The re-placement keeps the
+        window and moves the edges by mass shares q (multiplicative updates: a bin that wins too
+        often gives up mass, one that rarely wins gains it), keeping the placement whose worst
+        bin wins most often. Returns ``(pooling, report)``; the report gives the win shares
+        before and after."""
+        traces = np.asarray(traces, np.float64)
+        mean = np.clip(traces.mean(0), 0, None)
+        n = traces.shape[1]
+        start = cls.from_traces(mean, n_bins, threshold=threshold, mode="equal-mass")
+
+        def shares(edges: np.ndarray) -> np.ndarray:
+            cum = np.concatenate([np.zeros((len(traces), 1)), np.cumsum(traces, 1)], 1)
+            pooled = cum[:, edges[1:]] - cum[:, edges[:-1]]
+            return np.bincount(pooled.argmax(1), minlength=n_bins) / len(traces)
+
+        edges0 = start.edges.numpy().astype(np.int64)
+        w0 = shares(edges0)
+        fair = 1.0 / n_bins
+        report: dict[str, Any] = {"rule": f"every bin the argmax for >= {min_share:.2f} x 1/{n_bins} of the rows",
+                                  "shares_equal_mass": np.round(w0, 4).tolist(), "replaced": False}
+        if w0.min() >= min_share * fair:
+            report["shares"] = report["shares_equal_mass"]
+            return start, report
+        lo, hi = int(edges0[0]), int(edges0[-1])
+        cum_mean = np.concatenate([[0.0], np.cumsum(mean[lo:hi])])
+        q = np.full(n_bins, fair)
+        best = (w0.min(), -np.abs(w0 - fair).max(), edges0, w0)
+        w = w0
+        for _ in range(iterations):
+            q = q * np.exp(step * np.clip((fair - w) / fair, -1.0, 1.0))
+            q /= q.sum()
+            inner = lo + np.searchsorted(cum_mean, cum_mean[-1] * np.cumsum(q)[:-1])
+            edges = np.concatenate([[lo], inner, [hi]]).astype(np.int64)
+            for k in range(1, len(edges)):
+                edges[k] = max(edges[k], edges[k - 1] + 1)
+            for k in range(len(edges) - 2, -1, -1):
+                edges[k] = min(edges[k], edges[k + 1] - 1)
+            w = shares(edges)
+            score = (w.min(), -np.abs(w - fair).max())
+            if score > best[:2]:
+                best = (*score, edges.copy(), w)
+            if w.min() >= 0.8 * fair:
+                break
+        report.update(replaced=True, shares=np.round(best[3], 4).tolist(), edges=best[2].tolist())
+        return cls(n, best[2]), report
 
 
 # -- the layer -----------------------------------------------------------------------------------
@@ -216,6 +272,7 @@ class PhysicalNetwork(nn.Module):
             self.register_buffer("mu", torch.zeros(last.n_out))
             self.register_buffer("sigma", torch.ones(last.n_out))
         self.config: dict[str, Any] = {}
+        self.placement: dict[str, Any] | None = None  #: how `init_affine` placed the readout bins
 
     @property
     def name(self) -> str:
@@ -240,13 +297,21 @@ class PhysicalNetwork(nn.Module):
         """Data-informed initialisation, layer by layer, running ``x`` ``through`` (e.g. the twin:
         no physical pass). With ``repool`` each layer's bins are first re-placed on its mean
         trace over ``x`` (`Pooling.from_traces`, so every pooled output starts with the same mean
-        intensity — for the last layer, no class is favoured at the start); then the output affine
+        intensity — for the last layer, no class is favoured at the start; ``repool="balanced"``:
+        the same, but a physical readout's bins are re-placed if some class would rarely win,
+        `Pooling.balanced`, its report in ``self.placement``); then the output affine
         maps are set so each hidden feature has zero mean and unit variance over ``x``, and the
         readout's mu and sigma likewise (temperature 1)."""
+        self.placement = None
         for i, layer in enumerate(self.layers):
             traces = through(layer.encode(x))
-            if repool:
-                layer.pooling = Pooling.from_traces(traces.mean(0).numpy(), layer.n_out, mode=repool)
+            last = i == len(self.layers) - 1
+            if repool == "balanced" and last and self.readout == "physical":
+                layer.pooling, self.placement = Pooling.balanced(traces.numpy(), layer.n_out)
+                layer.pooling.to(traces.device)
+            elif repool:
+                mode = "equal-mass" if repool == "balanced" else repool
+                layer.pooling = Pooling.from_traces(traces.mean(0).numpy(), layer.n_out, mode=mode)
             y = layer.pooling(traces)
             if i < len(self.layers) - 1:
                 mean, std = y.mean(0), y.std(0).clamp_min(1e-30)

@@ -6,11 +6,18 @@
    test — a pass is one row of controls run on the rig) and, with ``session=``, a
    `RecordingSystem`, so every batch lands in the session under the matching tag;
 2. builds the network (`make_network` -> `labpnn.training.network.build_network`);
+0. chooses every setting the caller left unset from the data and the bench
+   (`labpnn.training.defaults`: channels per feature, layout, readout bins, batch, learning rate,
+   epochs, calibration size, the twin's target), each with a reason (``announce``d, and in the
+   report); a dataset with more features than fit is reduced by PCA on its training split;
 3. without a ``twin``: a calibration sweep (`labpnn.twin.calibrate`: half uniform, half jittered around
    the controls the initial network sends, plus repeats for the noise floor; tag
-   ``calibration``/``noise``) and a twin fitted to it (`labpnn.twin.fit_twin`);
+   ``calibration``/``noise``) and a twin fitted to it (`labpnn.twin.fit_twin`), refitted with more
+   rows near those controls until its noise ratio there meets the target or the budget is spent
+   (`calibrate_to_target`);
 4. initialises the network from a twin forward of the training set (no physical pass): pooling
-   bins re-placed so each pooled output starts with the same mean intensity, affine maps
+   bins re-placed so each pooled output starts with the same mean intensity (a physical
+   readout's bins moved further if some class would rarely win: `Pooling.balanced`), affine maps
    standardising the hidden features;
 5. trains with Adam on minibatches — ``method="pat"``: physics forward, twin backward
    (`labpnn.training.pat.PATForward`); ``method="insilico"``: the twin alone, zero training passes;
@@ -50,8 +57,9 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,15 +70,15 @@ from torch import nn
 from labpnn.contract import PhysicalSystem
 from labpnn.training.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint, twin_path
 from labpnn.training.counting import KINDS, FirstMeasurement, PassCounter, server_busy
-from labpnn.training.datasets import Dataset, load_dataset, logistic_baseline
+from labpnn.training.datasets import Dataset, load_dataset, logistic_baseline, reduce_features
 from labpnn.training.network import PhysicalNetwork, build_network
 from labpnn.training.pat import LiveTwin, PATForward, PhysicsForward, TwinForward
 from labpnn.twin.model import jsonable
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINT_FORMAT", "KINDS", "TrainResult", "TrainSettings", "calibrate_and_fit", "confusion_matrix",
-           "evaluate", "make_network", "operating_controls", "train"]
+__all__ = ["CHECKPOINT_FORMAT", "KINDS", "TrainResult", "TrainSettings", "calibrate_and_fit", "calibrate_to_target",
+           "confusion_matrix", "evaluate", "make_network", "operating_controls", "resolve_settings", "train"]
 
 
 # -- calibration and twin ----------------------------------------------------------------------------
@@ -101,23 +109,78 @@ def calibrate_and_fit(system: PhysicalSystem, n_rows: int, *, writer=None, centr
     return twin, fit, (cal.controls, cal.traces)
 
 
+def calibrate_to_target(system: PhysicalSystem, n_rows: int, *, centres: np.ndarray, target: float = 1.5,
+                        budget: int | None = None, writer=None, seed: int = 0, twin_seconds: float = 120.0,
+                        probe_rows: int = 256, near_fraction: float = 0.5, jitter: float = 0.08,
+                        progress: bool = False):
+    """`calibrate_and_fit`, then judged where training will operate: ``probe_rows`` fresh rows
+    near ``centres`` (the controls the network sends; never fitted on before they are judged),
+    their noise ratio = twin MSE / the noise the repeats predict at their brightness
+    (`labpnn.twin.metrics.expected_noise_var`; 1.0 = the floor). Above ``target``, the probe and
+    ``n_rows / 2`` more rows measured near ``centres`` join the data, the twin is refitted and
+    judged on a fresh probe — until it meets the target or the rows measured reach ``budget``
+    (default 3 x ``n_rows``). Returns ``(twin, fit dict with "rounds", "operating_noise_ratio",
+    "target", "target_met", (controls, traces))``."""
+    from labpnn.twin.calibrate import calibrate, near_sampler
+    from labpnn.twin.fit import fit_twin
+    from labpnn.twin.metrics import expected_noise_var
+
+    budget = int(budget if budget is not None else 3 * n_rows)
+    sampler = near_sampler(centres, jitter)
+    cal = calibrate(system, n_rows, writer, seed=seed, sampler=sampler, sampler_fraction=near_fraction,
+                    progress=progress, keep_data=True)
+    controls, traces = np.asarray(cal.controls, np.float32), np.asarray(cal.traces, np.float32)
+    noise = np.asarray(cal.tags) == "noise"
+    rounds: list[dict[str, Any]] = []
+    for k in range(1, 100):
+        twin, report = fit_twin(controls, traces, noise_mask=noise, noise_var=cal.noise_var, max_seconds=twin_seconds,
+                                seed=seed + k - 1, progress=progress)
+        probe = calibrate(system, probe_rows, writer, seed=seed + 1000 * k, sampler=sampler, sampler_fraction=1.0,
+                          repeats=(0, 0), progress=False, keep_data=True)
+        px, py = np.asarray(probe.controls, np.float32), np.asarray(probe.traces, np.float32)
+        mse = float(((twin.predict(px) - py) ** 2).mean())
+        floor = (expected_noise_var(report.noise_model, py) if report.noise_model else report.noise_var) or math.nan
+        ratio = mse / floor if floor > 0 else math.nan
+        rounds.append({"round": k, "rows": int(len(controls)), "fit_noise_ratio": report.noise_ratio,
+                       "operating_noise_ratio": ratio, "fit_seconds": report.seconds})
+        log.info("twin round %d: %d rows, noise ratio %.2f on the operating region (target %.2f)",
+                 k, len(controls), ratio, target)
+        measured = len(controls) + len(px)
+        if not ratio > target or measured >= budget:
+            break
+        extra = max(1, min(n_rows // 2, budget - measured))
+        more = calibrate(system, extra, writer, seed=seed + 1000 * k + 1, sampler=sampler, sampler_fraction=1.0,
+                         repeats=(0, 0), progress=progress, keep_data=True)
+        controls = np.concatenate([controls, px, np.asarray(more.controls, np.float32)])
+        traces = np.concatenate([traces, py, np.asarray(more.traces, np.float32)])
+        noise = np.concatenate([noise, np.zeros(len(px) + len(more.controls), bool)])
+    fit = {k: v for k, v in report.to_dict().items() if k not in ("history", "data")}
+    fit.update(rounds=rounds, operating_noise_ratio=ratio, target=target, target_met=bool(ratio <= target),
+               rows_measured=int(measured), budget=budget)
+    return twin, fit, (controls, traces)
+
+
 # -- settings and results ------------------------------------------------------------------------------
 @dataclass
 class TrainSettings:
+    """Every knob of a run. Fields left None are chosen from the data and the bench by
+    `labpnn.training.defaults.choose_defaults` (each with a reason, in the report)."""
+
     method: str = "pat"  #: "pat" | "insilico"
     layers: int = 1
-    epochs: int = 60
-    batch_size: int = 16
-    lr: float = 0.05
-    lr_schedule: str = "constant"  #: "constant" | "cosine" (decays to lr / 20 at the last epoch)
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    lr_schedule: str | None = None  #: "constant" | "cosine" (decays to lr / 20 at the last epoch)
     clip: float | None = None  #: clip the gradient's global norm to this (None: no clipping)
     seed: int = 0
     hidden: int | None = None  #: pooled features between layers (default: the dataset's feature count)
-    repeat: int = 3  #: control channels per input feature
-    layout: str = "grouped:0.15-0.85"  #: first layer's channel layout (`labpnn.training.network.assign_channels`)
+    features: int | None = None  #: input features (fewer than the dataset's: PCA on the training split)
+    repeat: int | None = None  #: control channels per input feature
+    layout: str | None = None  #: first layer's channel layout (`labpnn.training.network.assign_channels`)
     hidden_layout: str | None = None  #: deeper layers' layout (default: ``layout``)
     encoding: str = "sigmoid"
-    pooling: str = "equal-mass"
+    pooling: str | None = None  #: "balanced" | "equal-mass" | "equal-width" (`PhysicalNetwork.init_affine`)
     readout: str = "physical"  #: "physical" (argmax of pooled outputs) | "hybrid" (digital classifier)
     control_range: tuple[float, float] = (0.0, 1.0)
     theta_init: tuple[float, float] = (0.0, 1.0)  #: initial parameters, uniform in this fraction of the range
@@ -125,11 +188,28 @@ class TrainSettings:
     online_twin: bool = False
     chunk_rows: int = 0  #: PAT pipelining: rows per chunk (0: the whole minibatch in one pass)
     in_flight: int = 2  #: chunks in flight (worker threads) when chunk_rows > 0
-    calibration_rows: int = 4000
-    twin_seconds: float = 120.0
+    calibration_rows: int | None = None  #: the first calibration sweep
+    calibration_budget: int | None = None  #: the most calibration rows measured to reach ``twin_target``
+    twin_target: float | None = None  #: noise ratio on the operating region the twin is refitted toward
+    twin_seconds: float | None = None
     eval_batch: int = 256
     max_train_passes: int | None = None  #: stop after the epoch that crosses this budget
     recalibration_rows: int = 128  #: rows measured near the operating point after a drift alarm
+    #: keep the physical parameters (theta) at their random start: only the element-wise affine maps
+    #: train — the baseline that shows what training the physics adds
+    freeze_physical: bool = False
+
+
+def resolve_settings(settings: TrainSettings, describe: dict[str, Any], ds: Dataset):
+    """``(settings with every None field chosen, the Defaults)`` for ``ds`` on a system that
+    ``describe``s itself (`labpnn.training.defaults.choose_defaults`; explicit fields win)."""
+    from labpnn.training.defaults import CHOSEN, choose_defaults
+
+    given = {k: getattr(settings, k) for k in CHOSEN if getattr(settings, k, None) is not None}
+    chosen = choose_defaults(describe, n_features=ds.n_features, n_classes=ds.n_classes,
+                             n_train=len(ds.y_train), overrides=given)
+    values = chosen.values()
+    return replace(settings, **{k: values[k] for k in CHOSEN}), chosen
 
 
 @dataclass
@@ -152,6 +232,11 @@ class TrainResult:
     seconds: float = 0.0
     twin_fit: dict[str, Any] | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
+    #: every setting chosen from the data and the bench: {name: {value, reason, source}}
+    defaults: dict[str, Any] | None = None
+    #: where the readout bins went and how often each class wins at the start (through the twin)
+    readout_placement: dict[str, Any] | None = None
+    recall: list[float] | None = None  #: per class, on the test split, on the physics
 
     def summary(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k not in ("network", "history")}
@@ -162,7 +247,13 @@ class TrainResult:
 def make_network(n_controls: int, n_outputs: int, ds: Dataset, settings: TrainSettings) -> PhysicalNetwork:
     """The network `train` uses (before its data-informed initialisation). On a system with few
     channels the repeat count is lowered so that at least a quarter of the channels stay free for
-    parameters, and a layout span that cannot hold the inputs is widened to the whole band."""
+    parameters, and a layout span that cannot hold the inputs is widened to the whole band.
+    Settings left None are chosen (`resolve_settings`); a dataset with more features than
+    chosen must be reduced first (`labpnn.training.datasets.reduce_features`, as `train` does)."""
+    settings, _ = resolve_settings(settings, {"n_controls": n_controls, "n_outputs": n_outputs}, ds)
+    if settings.features < ds.n_features:
+        raise ValueError(f"{ds.n_features} features do not fit {n_controls} channels: reduce them to "
+                         f"{settings.features} first (labpnn.training.datasets.reduce_features)")
     widest = max(ds.n_features, settings.hidden or ds.n_features)
     repeat = max(1, min(settings.repeat, (n_controls * 3 // 4) // widest))
     layout, hidden_layout = settings.layout, settings.hidden_layout or settings.layout
@@ -184,6 +275,8 @@ def make_network(n_controls: int, n_outputs: int, ds: Dataset, settings: TrainSe
 def operating_controls(system: PhysicalSystem, ds: Dataset, settings: TrainSettings) -> np.ndarray:
     """Controls a freshly built network would send (to steer a calibration sweep toward them)."""
     d = system.describe()
+    settings, _ = resolve_settings(settings, d, ds)
+    ds = reduce_features(ds, settings.features)
     net = make_network(int(d["n_controls"]), int(d["n_outputs"]), ds, settings)
     return _operating_controls(net, torch.from_numpy(ds.X_train), seed=settings.seed)
 
@@ -210,28 +303,45 @@ def confusion_matrix(y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndar
 
 # -- the training loop --------------------------------------------------------------------------------
 def train(system: PhysicalSystem, dataset: Dataset | str | Path = "vowels", *, method: str = "pat",
-          twin=None, layers: int = 1, epochs: int = 60, seed: int = 0, session: str | Path | None = None,
+          twin=None, layers: int = 1, epochs: int | None = None, seed: int = 0, session: str | Path | None = None,
           report_dir: str | Path | None = None, online_twin: bool = False, checkpoint: str | Path | None = None,
           resume: str | Path | None = None, progress: bool = True, calibration=None,
-          **options: Any) -> TrainResult:
+          announce: Callable[[str], None] | None = None, **options: Any) -> TrainResult:
     """Train a ``layers``-deep physical network on ``system`` (see the module docstring).
 
     ``twin``: a `labpnn.twin.Twin` (or a path to one); None calibrates and fits one (with
     ``resume``: the twin saved next to the checkpoint). ``calibration``: ``(controls, traces)``
     the twin was fitted on, replayed by the online twin fitter.
     ``options``: any `TrainSettings` field (batch_size, lr, hidden, repeat, readout, target,
-    chunk_rows, in_flight, calibration_rows, twin_seconds, ...)."""
+    chunk_rows, in_flight, calibration_rows, twin_seconds, ...); those left None are chosen from the
+    data and the bench (`labpnn.training.defaults`), and ``announce`` (e.g. ``print``) gets one
+    line per choice with its reason before anything is measured."""
     settings = TrainSettings(method=method, layers=layers, epochs=epochs, seed=seed, online_twin=online_twin,
                              **options)
     if settings.method not in ("pat", "insilico"):
         raise ValueError(f"unknown method {settings.method!r} (have: pat, insilico)")
-    ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset, seed=seed)
+    full = dataset if isinstance(dataset, Dataset) else load_dataset(dataset, seed=seed)
+    settings, chosen = resolve_settings(settings, system.describe(), full)
+    ds = reduce_features(full, settings.features)
+    for line in chosen.lines():
+        log.info("setting %s", line)
+        if announce is not None:
+            announce(line)
     torch.manual_seed(seed)
-    with _Run(system, ds, settings, session=session) as run:
+    with _Run(system, ds, settings, session=session, full=full, chosen=chosen) as run:
         net = make_network(int(run.describe["n_controls"]), int(run.describe["n_outputs"]), ds, settings)
         twin, calibration = run.twin(twin, net, resume=resume, calibration=calibration, progress=progress)
         net.init_affine(run.X, TwinForward(twin), repool=settings.pooling)
-        opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
+        if net.placement is not None:
+            run.placement = net.placement
+            shares = net.placement["shares"]
+            run.event("readout", ("readout bins re-placed" if net.placement["replaced"] else "readout bins of equal mass")
+                      + f": the rarest class wins {min(shares):.3f} of the training rows through the twin "
+                      f"(fair share {1 / len(shares):.3f})", **net.placement)
+        if settings.freeze_physical:
+            for layer in net.layers:
+                layer.theta.requires_grad_(False)
+        opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=settings.lr)
         state = _State.start(net, seed, run.counter) if resume is None else _State.resume(resume, net, opt, run)
         with run.forwards(twin, calibration) as (train_forward, pool):
             bar = run.bar(settings.epochs - state.epoch, progress)
@@ -338,8 +448,11 @@ class _Run:
     model selection, the one test on the physics, the report."""
 
     def __init__(self, system: PhysicalSystem, ds: Dataset, settings: TrainSettings, *,
-                 session: str | Path | None):
+                 session: str | Path | None, full: Dataset | None = None, chosen=None):
         self.system, self.ds, self.settings, self.session = system, ds, settings, session
+        self.full = full if full is not None else ds  #: the dataset before any feature reduction
+        self.chosen = chosen
+        self.placement: dict[str, Any] | None = None
         self.started = time.perf_counter()
         self.events: list[dict[str, Any]] = []
         self.writer = None
@@ -391,14 +504,20 @@ class _Run:
         if twin is None:
             cal_counter = PassCounter(self.system)  # calibrate() records into the session itself
             with cal_counter.counting("calibration"):
-                twin, self.twin_fit, calibration = calibrate_and_fit(
-                    cal_counter, self.settings.calibration_rows, writer=self.writer,
-                    centres=_operating_controls(net, self.X), seed=self.settings.seed,
-                    twin_seconds=self.settings.twin_seconds, progress=progress)
+                st = self.settings
+                twin, self.twin_fit, calibration = calibrate_to_target(
+                    cal_counter, st.calibration_rows, writer=self.writer, centres=_operating_controls(net, self.X),
+                    target=st.twin_target, budget=st.calibration_budget, seed=st.seed,
+                    twin_seconds=st.twin_seconds, progress=progress)
             self.counter.passes["calibration"] += cal_counter.passes["calibration"]
             self.counter.busy_s["calibration"] += cal_counter.busy_s["calibration"]
-            self.event("twin_fit", f"twin fitted on {len(calibration[0])} calibration rows",
-                       holdout_nmse=self.twin_fit.get("holdout_nmse"), noise_ratio=self.twin_fit.get("noise_ratio"))
+            fit = self.twin_fit
+            self.event("twin_fit", f"twin fitted on {len(calibration[0])} calibration rows in {len(fit['rounds'])} "
+                       f"round(s): noise ratio {fit['operating_noise_ratio']:.2f} on the operating region, target "
+                       f"{fit['target']:g} " + ("met" if fit["target_met"] else
+                                                f"NOT met within the budget of {fit['budget']} rows"),
+                       holdout_nmse=fit.get("holdout_nmse"), noise_ratio=fit.get("noise_ratio"),
+                       operating_noise_ratio=fit["operating_noise_ratio"], target_met=fit["target_met"])
         twin.eval()
         self.base_twin = twin.snapshot() if hasattr(twin, "snapshot") else twin
         return self.base_twin, calibration
@@ -442,13 +561,19 @@ class _Run:
         with counter.counting("test"):
             test_acc, _, pred = evaluate(net, ds.X_test, ds.y_test, PhysicsForward(capture), batch=settings.eval_batch)
         twin_acc, _, _ = evaluate(net, ds.X_test, ds.y_test, TwinForward(self.base_twin), batch=settings.eval_batch)
+        cm = confusion_matrix(ds.y_test, pred, ds.n_classes)
+        baseline = logistic_baseline(self.full)  # on the dataset's own features, before any reduction
+        if ds.reduction:
+            baseline["test_on_reduced_features"] = logistic_baseline(ds)["test"]
         duty = state.duty
         result = TrainResult(
             network=net, test_accuracy=test_acc, val_accuracy=float(state.best["acc"]),
             best_epoch=int(state.best["epoch"]), passes=dict(counter.passes), passes_to_target=state.passes_to_target,
             history=state.history, settings=jsonable(asdict(settings)), dataset=ds.summary(),
-            confusion=confusion_matrix(ds.y_test, pred, ds.n_classes).tolist(), twin_test_accuracy=twin_acc,
-            digital_baseline=logistic_baseline(ds),
+            confusion=cm.tolist(), twin_test_accuracy=twin_acc,
+            digital_baseline=baseline, defaults=self.chosen.to_dict() if self.chosen is not None else None,
+            readout_placement=self.placement,
+            recall=[float(v) for v in cm.diagonal() / np.maximum(cm.sum(1), 1)],
             duty_cycle=({**duty, "duty_cycle": duty["busy_s"] / duty["wall_s"] if duty["wall_s"] else None}
                         if settings.method == "pat" else None),
             report_dir=str(report_dir) if report_dir is not None else None,
