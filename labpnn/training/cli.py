@@ -13,7 +13,9 @@ from labpnn.training.trainer import train
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", choices=("pat", "insilico"), default="pat")
+    parser.add_argument("--method", choices=("pat", "insilico", "phyll", "phyll-paper", "spsa", "reservoir",
+                                             "reservoir-ridge"), default="pat",
+                        help="pat, insilico (with a twin); phyll, spsa, reservoir (model-free: no twin)")
     parser.add_argument("--dataset", default="vowels", help="vowels, digits, or a CSV/NPZ file")
     parser.add_argument("--twin", help="a twin checkpoint (default: calibrate and fit one)")
     parser.add_argument("--layers", type=int, default=1, choices=(1, 2, 3))

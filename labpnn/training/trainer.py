@@ -301,6 +301,70 @@ def confusion_matrix(y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndar
     return cm
 
 
+#: methods that need no twin: the same trainer runs them (sessions, pass counting, selection on the
+#: validation split, one test on the physics, the report) through `labpnn.training.methods`
+MODEL_FREE = ("phyll", "phyll-paper", "spsa", "reservoir", "reservoir-ridge")
+
+
+def make_model_free(name: str, settings: TrainSettings):
+    """The `labpnn.training.methods.Method` for ``name``, with its shipped preset."""
+    if name in ("phyll", "phyll-paper"):
+        from labpnn.training.phyll import PhyLL, phyll_preset
+
+        return PhyLL(phyll_preset("paper" if name == "phyll-paper" else "default", seed=settings.seed))
+    if name == "spsa":
+        from labpnn.training.spsa import SPSA
+
+        return SPSA(layers=settings.layers, seed=settings.seed)
+    from labpnn.training.reservoir import Reservoir
+
+    return Reservoir(readout="ridge" if name == "reservoir-ridge" else "elementwise", seed=settings.seed)
+
+
+def _train_model_free(system: PhysicalSystem, ds: Dataset, settings: TrainSettings, *, session, report_dir):
+    """`train` for a method that needs no twin (`MODEL_FREE`)."""
+    from labpnn.training.methods import train_method
+    from labpnn.training.report import write_report
+
+    epochs = settings.epochs or 30
+    with _Run(system, ds, settings, session=session) as run:
+        method = make_model_free(settings.method, settings)
+        run.event("method", f"{settings.method}: a {method.kind} method, no twin")
+        test_acc, _, history = train_method(run.counter, ds, method, epochs, seed=settings.seed, counter=run.counter,
+                                            log=log.info)
+        selected = history[-1]
+        rows = [h for h in history if "val_acc" in h and not h.get("selected")]
+        to_target = next((h["passes"]["train"] for h in rows if h["val_acc"] >= settings.target), None)
+        with torch.no_grad(), run.counter.counting("test"):  # predictions for the confusion matrix
+            pred = np.asarray(method.logits(run.counter, ds.X_test)).argmax(1)
+        result = TrainResult(
+            network=_Named(f"{method.name} ({method.kind})"), test_accuracy=float(test_acc),
+            val_accuracy=float(selected["val_acc"]), best_epoch=int(selected["epoch"]),
+            passes=dict(run.counter.passes), passes_to_target=to_target,
+            history=[{"epoch": h["epoch"], "train_loss": h.get("train_loss", math.nan),
+                      "train_acc": h.get("train_acc", math.nan), "val_acc": h["val_acc"],
+                      "val_loss": h.get("val_loss", math.nan), "train_passes": h["passes"]["train"],
+                      "eval_passes": h["passes"]["validation"], "seconds": h["seconds"]} for h in rows],
+            settings={**jsonable(asdict(settings)), "epochs": epochs, "kind": method.kind},
+            dataset=ds.summary(), confusion=confusion_matrix(ds.y_test, pred, ds.n_classes).tolist(),
+            digital_baseline=logistic_baseline(ds), report_dir=str(report_dir) if report_dir is not None else None,
+            session=str(session) if session is not None else None, seconds=time.perf_counter() - run.started,
+            events=run.events)
+        run.event("test", f"test accuracy on the physics {test_acc:.4f} ({settings.method}, {method.kind})",
+                  accuracy=test_acc, passes=dict(run.counter.passes))
+        if report_dir is not None:
+            write_report(result, report_dir, class_names=ds.class_names,
+                         provenance_seeds={"train": settings.seed, "split": ds.seed})
+        return result
+
+
+class _Named:
+    """What a report needs of a model that is not a `PhysicalNetwork`: its name."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
 # -- the training loop --------------------------------------------------------------------------------
 def train(system: PhysicalSystem, dataset: Dataset | str | Path = "vowels", *, method: str = "pat",
           twin=None, layers: int = 1, epochs: int | None = None, seed: int = 0, session: str | Path | None = None,
@@ -318,9 +382,11 @@ def train(system: PhysicalSystem, dataset: Dataset | str | Path = "vowels", *, m
     line per choice with its reason before anything is measured."""
     settings = TrainSettings(method=method, layers=layers, epochs=epochs, seed=seed, online_twin=online_twin,
                              **options)
-    if settings.method not in ("pat", "insilico"):
-        raise ValueError(f"unknown method {settings.method!r} (have: pat, insilico)")
+    if settings.method not in ("pat", "insilico", *MODEL_FREE):
+        raise ValueError(f"unknown method {settings.method!r} (have: pat, insilico, {', '.join(MODEL_FREE)})")
     full = dataset if isinstance(dataset, Dataset) else load_dataset(dataset, seed=seed)
+    if settings.method in MODEL_FREE:
+        return _train_model_free(system, full, settings, session=session, report_dir=report_dir)
     settings, chosen = resolve_settings(settings, system.describe(), full)
     ds = reduce_features(full, settings.features)
     for line in chosen.lines():
