@@ -24,18 +24,17 @@ Imports nothing of labpnn except the roles.
 from __future__ import annotations
 
 import math
-import socket
 import time
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import pyvisa
 from pymeasure.instruments import Instrument
-from pymeasure.instruments.generic_types import SCPIMixin
 from pymeasure.instruments.validators import strict_discrete_set, strict_range
 
-from .roles import FLAG_SATURATED, InstrumentError
+from .roles import FLAG_SATURATED
+from .scpi import IO_ERRORS as _IO_ERRORS
+from .scpi import CommandError, SCPIInstrument, ieee_block_header, parse_ieee_block, tcp_nodelay
 
 __all__ = [
     "AQ6370",
@@ -56,58 +55,13 @@ POINTS_RANGE = (101, 50001)
 RESOLUTIONS_M = (0.02e-9, 0.05e-9, 0.1e-9, 0.2e-9, 0.5e-9, 1e-9, 2e-9)
 DATA_FORMATS = ("REAL,32", "REAL,64", "ASCII")
 _DTYPES = {"REAL,32": np.dtype("<f4"), "REAL,64": np.dtype("<f8")}
-_MAX_BLOCK_BYTES = 64 * 2**20
-_IO_ERRORS = (pyvisa.errors.VisaIOError, pyvisa.errors.InvalidSession, OSError)
 
 
-class OSAError(InstrumentError):
+class OSAError(CommandError):
     """The OSA failed a command: ``command`` is what was sent, ``message`` what went wrong."""
-
-    def __init__(self, command: str, message: str):
-        super().__init__(f"{command!r}: {message}" if command else message)
-        self.command = command
-        self.message = message
 
 
 # -- pure codecs -----------------------------------------------------------------------------------
-def ieee_block_header(prefix: bytes) -> tuple[int, int]:
-    """(header length, data length) of a definite-length block ``#<n><len>...``.
-
-    ``prefix`` must hold at least the header. Raises ``ValueError`` on anything else
-    (including the indefinite form ``#0``).
-    """
-    if len(prefix) < 2 or prefix[:1] != b"#":
-        raise ValueError(f"not an IEEE 488.2 block: starts with {bytes(prefix[:12])!r}")
-    digits = prefix[1:2]
-    if not digits.isdigit() or digits == b"0":
-        raise ValueError(f"not a definite-length block: header digit {digits!r}")
-    n = int(digits)
-    field = bytes(prefix[2:2 + n])
-    if len(field) < n or not field.isdigit():
-        raise ValueError(f"bad block length field {field!r} (expected {n} digits)")
-    return 2 + n, int(field)
-
-
-def parse_ieee_block(data: bytes, dtype: Any) -> np.ndarray:
-    """Decode ``#<n><len><len bytes>`` (optionally followed by ``\\r\\n``/``\\n``) into an array.
-
-    ``dtype`` is taken as given (``"<f4"`` for the AQ6370's REAL,32, ``"<f8"`` for REAL,64).
-    Raises ``ValueError`` if the block is short, has trailing bytes other than a terminator, or
-    its length is not a whole number of items. Returns a read-only view on ``data``.
-    """
-    dtype = np.dtype(dtype)
-    start, length = ieee_block_header(data)
-    end = start + length
-    if len(data) < end:
-        raise ValueError(f"block declares {length} bytes but holds {len(data) - start}")
-    trailer = bytes(data[end:])
-    if trailer.strip(b"\r\n"):
-        raise ValueError(f"unexpected bytes after the block: {trailer[:16]!r}")
-    if length % dtype.itemsize:
-        raise ValueError(f"block length {length} is not a multiple of {dtype.itemsize} ({dtype})")
-    return np.frombuffer(data, dtype, length // dtype.itemsize, start)
-
-
 def _axis_ok(x: np.ndarray, low: float, high: float) -> bool:
     with np.errstate(all="ignore"):
         return bool(x.size and np.isfinite(x).all() and (np.diff(x) > 0).all() and x[0] >= low and x[-1] <= high)
@@ -163,25 +117,7 @@ def _y_scale(value: Any, values: tuple[str, ...]) -> str:
 _Y_SCALE_REPLIES = {"0": "LOG", "1": "LIN", "LOG": "LOG", "LIN": "LIN", "LOGARITHMIC": "LOG", "LINEAR": "LIN"}
 
 
-def _tcp_nodelay(res: pyvisa.resources.TCPIPSocket) -> None:
-    """Turn Nagle's algorithm off, as NI-VISA does by default (VI_ATTR_TCPIP_NODELAY).
-
-    Without it a command that gets no reply followed by a query waits for the peer's delayed ACK
-    (~40 ms on Linux) before the query leaves. pyvisa-py 0.8 refuses the attribute on SOCKET
-    resources, so fall back to the session's socket (best effort).
-    """
-    try:
-        res.set_visa_attribute(pyvisa.constants.ResourceAttribute.tcpip_nodelay, pyvisa.constants.VI_TRUE)
-        return
-    except Exception:  # pyvisa-py: UnknownAttribute / VisaIOError, depending on the version
-        pass
-    session = getattr(getattr(res, "visalib", None), "sessions", {}).get(res.session)
-    sock = getattr(session, "interface", None)
-    if isinstance(sock, socket.socket):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-class AQ6370(SCPIMixin, Instrument):
+class AQ6370(SCPIInstrument):
     """Yokogawa AQ6370 OSA.
 
     :param adapter: a VISA resource name (``"TCPIP::192.168.1.30::10001::SOCKET"``) or an adapter.
@@ -191,6 +127,10 @@ class AQ6370(SCPIMixin, Instrument):
         it for ~30 s every ~10 minutes).
     """
 
+    error_type = OSAError
+    error_query = ":SYST:ERR?"
+    max_errors = 32
+
     def __init__(self, adapter, name: str = "Yokogawa AQ6370", *, read_termination: str = "\n",
                  write_termination: str = "\n", timeout_s: float = 30.0, **kwargs):
         kwargs.setdefault("visa_library", "@py")
@@ -199,7 +139,7 @@ class AQ6370(SCPIMixin, Instrument):
         self._last_command = ""
         res = getattr(self.adapter, "connection", None)
         if isinstance(res, pyvisa.resources.TCPIPSocket):
-            _tcp_nodelay(res)
+            tcp_nodelay(res)
 
     # -- declarative settings (manual: remote commands, SENSe / FORMat / DISPlay subsystems)
     wavelength_start = Instrument.control(
@@ -242,50 +182,6 @@ class AQ6370(SCPIMixin, Instrument):
         cast=lambda v: int(float(v)),
     )
 
-    # -- transport with errors turned into OSAError
-    def write(self, command: str, **kwargs) -> None:
-        self._last_command = command
-        try:
-            super().write(command, **kwargs)
-        except _IO_ERRORS as exc:
-            raise OSAError(command, f"write failed: {exc}") from exc
-
-    def read(self, **kwargs) -> str:
-        try:
-            return super().read(**kwargs)
-        except _IO_ERRORS as exc:
-            raise OSAError(self._last_command, f"no reply: {exc}") from exc
-
-    @property
-    def next_error(self) -> tuple[int, str]:
-        """Get the next entry of the error queue (``:SYST:ERR?``) as (code, message)."""
-        reply = self.ask(":SYST:ERR?").strip()
-        code, _, message = reply.partition(",")
-        try:
-            return int(code), message.strip().strip('"')
-        except ValueError:
-            raise OSAError(":SYST:ERR?", f"unreadable reply {reply!r}") from None
-
-    def check_errors(self) -> list:
-        """Read the error queue; raise `OSAError` (naming the last command) if it held any error."""
-        command = self._last_command
-        errors = []
-        for _ in range(32):
-            code, message = self.next_error
-            if code == 0:
-                break
-            errors.append((code, message))
-        if errors:
-            raise OSAError(command, "instrument error: " + "; ".join(f"{c}, {m}" for c, m in errors))
-        return errors
-
-    # -- thin PyVISA parts
-    def _resource(self) -> pyvisa.resources.MessageBasedResource:
-        res = getattr(self.adapter, "connection", None)
-        if not isinstance(res, pyvisa.resources.MessageBasedResource):
-            raise TypeError("binary transfers need a PyVISA message-based resource")
-        return res
-
     def login(self, user: str, password: str = "") -> None:
         """LAN login: ``OPEN "user"`` -> ``AUTHENTICATE CRAM-MD5.``, password -> ``ready``.
 
@@ -302,49 +198,6 @@ class AQ6370(SCPIMixin, Instrument):
             raise OSAError("<password>", f"login failed: {exc}") from exc
         if reply.lower() != "ready":
             raise OSAError("<password>", f"login refused for user {user!r}: {reply!r}")
-
-    @contextmanager
-    def _termchar_off(self, res):
-        term = res.read_termination
-        res.read_termination = None
-        try:
-            yield
-        finally:
-            res.read_termination = term
-
-    def query_block(self, command: str, dtype: Any) -> np.ndarray:
-        """Send ``command`` and read its ``#<n><len><bytes>`` reply by length, then the terminator.
-
-        The termination character is off while the header and the payload are read (so 0x0A
-        bytes in the floats do not end a read) and back on for the terminator.
-        """
-        self.write(command)
-        res = self._resource()
-        try:
-            with self._termchar_off(res):
-                head = res.read_bytes(2)
-            if head[:1] != b"#" or not head[1:2].isdigit() or head[1:2] == b"0":
-                # an ASCII reply (or the unsupported #0 form): read it to its terminator so the
-                # session stays in step, and report it
-                rest = res.read_raw() if b"\n" not in head else b""
-                raise OSAError(command, f"expected a definite-length block, got {(head + rest)[:40]!r}")
-            with self._termchar_off(res):
-                digits = res.read_bytes(int(head[1:2]))
-                _, length = ieee_block_header(head + digits)
-                if length > _MAX_BLOCK_BYTES:
-                    raise OSAError(command, f"block of {length} bytes is larger than {_MAX_BLOCK_BYTES}")
-                payload = res.read_bytes(length, chunk_size=max(length, 1)) if length else b""
-            trailer = res.read_raw()  # up to the termination character
-        except _IO_ERRORS as exc:
-            raise OSAError(command, f"binary block read failed: {exc}") from exc
-        except ValueError as exc:
-            raise OSAError(command, str(exc)) from exc
-        if trailer.strip(b"\r\n"):
-            raise OSAError(command, f"unexpected bytes after the block: {trailer[:16]!r}")
-        try:
-            return parse_ieee_block(head + digits + payload, dtype)
-        except ValueError as exc:
-            raise OSAError(command, str(exc)) from exc
 
     def read_trace(self, axis: str, trace: str = "TRA", data_format: str | None = None) -> np.ndarray:
         """``:TRAC:X? TRA`` (metres) or ``:TRAC:Y? TRA`` (W when LIN) as float64/float32.

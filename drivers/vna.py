@@ -40,18 +40,16 @@ errors all become `VNAError` naming the command. Imports nothing of labpnn excep
 from __future__ import annotations
 
 import math
-import socket
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyvisa
 from pymeasure.instruments import Instrument
-from pymeasure.instruments.generic_types import SCPIMixin
 from pymeasure.instruments.validators import strict_discrete_set, strict_range
 
-from .roles import InstrumentError
+from .scpi import IO_ERRORS as _IO_ERRORS
+from .scpi import CommandError, SCPIInstrument, ieee_block_header, parse_ieee_block, tcp_nodelay
 
 __all__ = [
     "BYTE_ORDERS",
@@ -79,8 +77,6 @@ POWER_RANGE_DBM = (-100.0, 30.0)
 DATA_FORMATS = ("REAL,32", "REAL,64", "ASCII")
 BYTE_ORDERS = ("SWAP", "NORM")
 OUTPUTS = ("mag", "db", "reim")
-_MAX_BLOCK_BYTES = 64 * 2**20
-_IO_ERRORS = (pyvisa.errors.VisaIOError, pyvisa.errors.InvalidSession, OSError)
 _DB_FLOOR = -200.0  # |S21| = 0 reads as this many dB instead of -inf
 
 
@@ -104,50 +100,11 @@ DIALECTS = {
 }
 
 
-class VNAError(InstrumentError):
+class VNAError(CommandError):
     """The VNA failed a command: ``command`` is what was sent, ``message`` what went wrong."""
-
-    def __init__(self, command: str, message: str):
-        super().__init__(f"{command!r}: {message}" if command else message)
-        self.command = command
-        self.message = message
 
 
 # -- pure codecs -----------------------------------------------------------------------------------
-def ieee_block_header(prefix: bytes) -> tuple[int, int]:
-    """(header length, data length) of a definite-length block ``#<n><len>...``.
-
-    Raises ``ValueError`` on anything else (including the indefinite form ``#0``)."""
-    if len(prefix) < 2 or prefix[:1] != b"#":
-        raise ValueError(f"not an IEEE 488.2 block: starts with {bytes(prefix[:12])!r}")
-    digits = prefix[1:2]
-    if not digits.isdigit() or digits == b"0":
-        raise ValueError(f"not a definite-length block: header digit {digits!r}")
-    n = int(digits)
-    field = bytes(prefix[2:2 + n])
-    if len(field) < n or not field.isdigit():
-        raise ValueError(f"bad block length field {field!r} (expected {n} digits)")
-    return 2 + n, int(field)
-
-
-def parse_ieee_block(data: bytes, dtype: Any) -> np.ndarray:
-    """Decode ``#<n><len><len bytes>`` (optionally followed by ``\\r\\n``/``\\n``) into an array of ``dtype``.
-
-    Raises ``ValueError`` if the block is short, has trailing bytes other than a terminator, or its
-    length is not a whole number of items."""
-    dtype = np.dtype(dtype)
-    start, length = ieee_block_header(data)
-    end = start + length
-    if len(data) < end:
-        raise ValueError(f"block declares {length} bytes but holds {len(data) - start}")
-    trailer = bytes(data[end:])
-    if trailer.strip(b"\r\n"):
-        raise ValueError(f"unexpected bytes after the block: {trailer[:16]!r}")
-    if length % dtype.itemsize:
-        raise ValueError(f"block length {length} is not a multiple of {dtype.itemsize} ({dtype})")
-    return np.frombuffer(data, dtype, length // dtype.itemsize, start)
-
-
 def block_dtype(data_format: str, byte_order: str, swap_reversed: bool = False) -> np.dtype:
     """The dtype of REAL,32/REAL,64 blocks sent with ``FORM:BORD`` ``byte_order`` (SWAP = little-endian)."""
     if data_format not in ("REAL,32", "REAL,64"):
@@ -212,27 +169,17 @@ def _byte_order(value: Any, values: tuple[str, ...] = BYTE_ORDERS) -> str:
     return strict_discrete_set(text, values)
 
 
-def _tcp_nodelay(res: pyvisa.resources.TCPIPSocket) -> None:
-    """Nagle off, as NI-VISA does by default (pyvisa-py 0.8 refuses the attribute on SOCKET
-    resources, so fall back to the session's socket; best effort)."""
-    try:
-        res.set_visa_attribute(pyvisa.constants.ResourceAttribute.tcpip_nodelay, pyvisa.constants.VI_TRUE)
-        return
-    except Exception:  # pyvisa-py: UnknownAttribute / VisaIOError, depending on the version
-        pass
-    session = getattr(getattr(res, "visalib", None), "sessions", {}).get(res.session)
-    sock = getattr(session, "interface", None)
-    if isinstance(sock, socket.socket):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-class VNA(SCPIMixin, Instrument):
+class VNA(SCPIInstrument):
     """A Keysight PNA (``dialect="pna"``) or R&S ZNB (``"znb"``) VNA; channel 1, port 1.
 
     :param adapter: a VISA resource name (``"TCPIP::192.168.1.40::5025::SOCKET"``) or an adapter.
     :param timeout_s: VISA I/O timeout for ordinary replies; sweeps get it plus the scaled sweep time.
     :param swap_reversed: the model sends big-endian for ``FORM:BORD SWAP`` (R&S quirk).
     """
+
+    error_type = VNAError
+    error_query = "SYST:ERR?"
+    max_errors = 100
 
     def __init__(self, adapter, name: str = "VNA", *, dialect: str = "pna", read_termination: str = "\n",
                  write_termination: str = "\n", timeout_s: float = 5.0, swap_reversed: bool = False, **kwargs):
@@ -248,7 +195,7 @@ class VNA(SCPIMixin, Instrument):
         self._last_command = ""
         res = getattr(self.adapter, "connection", None)
         if isinstance(res, pyvisa.resources.TCPIPSocket):
-            _tcp_nodelay(res)
+            tcp_nodelay(res)
 
     # -- declarative settings (both dialects; PNA and ZNB manuals, SENSe / SOURce / FORMat subsystems)
     start_frequency = Instrument.control(
@@ -297,43 +244,6 @@ class VNA(SCPIMixin, Instrument):
         """Get the time one sweep takes with the current settings, in s.""",
         cast=float,
     )
-
-    # -- transport with errors turned into VNAError
-    def write(self, command: str, **kwargs) -> None:
-        self._last_command = command
-        try:
-            super().write(command, **kwargs)
-        except _IO_ERRORS as exc:
-            raise VNAError(command, f"write failed: {exc}") from exc
-
-    def read(self, **kwargs) -> str:
-        try:
-            return super().read(**kwargs)
-        except _IO_ERRORS as exc:
-            raise VNAError(self._last_command, f"no reply: {exc}") from exc
-
-    @property
-    def next_error(self) -> tuple[int, str]:
-        """Get the next entry of the error queue (``SYST:ERR?``) as (code, message)."""
-        reply = self.ask("SYST:ERR?").strip()
-        code, _, message = reply.partition(",")
-        try:
-            return int(code), message.strip().strip('"')
-        except ValueError:
-            raise VNAError("SYST:ERR?", f"unreadable reply {reply!r}") from None
-
-    def check_errors(self) -> list:
-        """Read the error queue; raise `VNAError` (naming the last command) if it held any error."""
-        command = self._last_command
-        errors = []
-        for _ in range(100):
-            code, message = self.next_error
-            if code == 0:
-                break
-            errors.append((code, message))
-        if errors:
-            raise VNAError(command, "instrument error: " + "; ".join(f"{c}, {m}" for c, m in errors))
-        return errors
 
     # -- measurements and sweeps (dialect commands)
     def catalog(self) -> dict[str, str]:
@@ -386,64 +296,16 @@ class VNA(SCPIMixin, Instrument):
         try:
             self.write(command)
             try:
-                reply = super().read().strip()
-            except _IO_ERRORS as exc:
+                reply = self.read().strip()
+            except VNAError as exc:
                 raise VNAError(command, f"sweep did not complete within {limit_s:.3g} s (expected "
-                               f"{expected_s:.3g} s): {exc}") from exc
+                               f"{expected_s:.3g} s): {exc.message}") from exc.__cause__
         finally:
             res.timeout = saved
         if reply != "1":
             raise VNAError(command, f"expected '1' when the sweep ends, got {reply!r}")
 
     # -- thin PyVISA parts
-    def _resource(self) -> pyvisa.resources.MessageBasedResource:
-        res = getattr(self.adapter, "connection", None)
-        if not isinstance(res, pyvisa.resources.MessageBasedResource):
-            raise TypeError("binary transfers need a PyVISA message-based resource")
-        return res
-
-    @contextmanager
-    def _termchar_off(self, res):
-        term = res.read_termination
-        res.read_termination = None
-        try:
-            yield
-        finally:
-            res.read_termination = term
-
-    def query_block(self, command: str, dtype: Any) -> np.ndarray:
-        """Send ``command`` and read its ``#<n><len><bytes>`` reply by length, then the terminator.
-
-        The termination character is off while the header and payload are read (0x0A bytes in the
-        floats must not end a read) and back on for the terminator."""
-        self.write(command)
-        res = self._resource()
-        try:
-            with self._termchar_off(res):
-                head = res.read_bytes(2)
-            if head[:1] != b"#" or not head[1:2].isdigit() or head[1:2] == b"0":
-                # an ASCII reply (or the unsupported #0 form): read it to its terminator so the
-                # session stays in step, and report it
-                rest = res.read_raw() if b"\n" not in head else b""
-                raise VNAError(command, f"expected a definite-length block, got {(head + rest)[:40]!r}")
-            with self._termchar_off(res):
-                digits = res.read_bytes(int(head[1:2]))
-                _, length = ieee_block_header(head + digits)
-                if length > _MAX_BLOCK_BYTES:
-                    raise VNAError(command, f"block of {length} bytes is larger than {_MAX_BLOCK_BYTES}")
-                payload = res.read_bytes(length, chunk_size=max(length, 1)) if length else b""
-            trailer = res.read_raw()  # up to the termination character
-        except _IO_ERRORS as exc:
-            raise VNAError(command, f"binary block read failed: {exc}") from exc
-        except ValueError as exc:
-            raise VNAError(command, str(exc)) from exc
-        if trailer.strip(b"\r\n"):
-            raise VNAError(command, f"unexpected bytes after the block: {trailer[:16]!r}")
-        try:
-            return parse_ieee_block(head + digits + payload, dtype)
-        except ValueError as exc:
-            raise VNAError(command, str(exc)) from exc
-
     def query_values(self, command: str, data_format: str | None = None,
                      byte_order: str | None = None) -> np.ndarray:
         """A data query's values in the transfer format now set (queried when not given)."""
