@@ -173,10 +173,21 @@ RigSection = Annotated[TestRigSection | OpticalRigSection | MicrowaveRigSection 
                        Field(discriminator="kind")]
 
 
+class NetworkDefaults(Strict):
+    """How a network should use this rig unless the trainer's caller says otherwise — the bench's
+    knowledge of its own channels (which carry inputs well, which parameters): served in describe()
+    as ``network`` and used by `labpnn.training.defaults` before its generic rules."""
+
+    repeat: int | None = Field(None, ge=1, le=64)  #: control channels per input feature
+    layout: str | None = None  #: `labpnn.training.network.assign_channels` layout
+    pooling: str | None = None
+
+
 class RigConfig(Strict):
     name: str = "rig"
     server: ServerSection = ServerSection()
     rig: RigSection
+    network: NetworkDefaults | None = None
 
 
 class ConfigError(ValueError):
@@ -206,7 +217,12 @@ def load_config(path: str | Path) -> RigConfig:
 
 def build_rig(config: RigConfig):
     """The `Rig` a config describes (not yet connected)."""
-    from labpnn.rig import Rig
+    from labpnn.rig import Rig as _Rig
+
+    network = config.network.model_dump(exclude_none=True) if config.network is not None else None
+
+    def Rig(actuators, sensors, *, name):  # noqa: N802 - every rig kind gets the [network] table
+        return _Rig(actuators, sensors, name=name, network=network)
 
     section = config.rig
     if section.kind == "test":

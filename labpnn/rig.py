@@ -32,10 +32,12 @@ log = logging.getLogger(__name__)
 
 
 class Rig:
-    def __init__(self, actuators: Sequence[Actuator], sensors: Sequence[Sensor], *, name: str = "rig"):
+    def __init__(self, actuators: Sequence[Actuator], sensors: Sequence[Sensor], *, name: str = "rig",
+                 network: dict[str, Any] | None = None):
         if not actuators or not sensors:
             raise ValueError("a rig needs at least one actuator and one sensor")
         self.name = name
+        self.network = dict(network) if network else None  #: the bench's network defaults (describe()["network"])
         self.actuators = list(actuators)
         self.sensors = list(sensors)
         self.instruments = {i.name: i for i in [*self.actuators, *self.sensors]}
@@ -99,6 +101,7 @@ class Rig:
             "channels": {a.name: [s.start, s.stop] for a, s in zip(self.actuators, self._slices, strict=True)},
             "instruments": dict(self._identities) or {n: i.identify() for n, i in self.instruments.items()},
             "settings": {n: i.settings() for n, i in self.instruments.items()},
+            **({"network": dict(self.network)} if self.network else {}),
         }
 
     def validate(self, controls: Any) -> np.ndarray:

@@ -26,6 +26,7 @@ def test_the_example_is_the_bench_rig():
     bench = get_bench("acoustic")
     assert parse_config({"rig": bench.rig_section(path="jack")}).rig.model_dump() == example
     assert parse_config({"rig": bench.rig_section()}).rig.simulation.preset == "cavity"
+    assert load_config(REPO / "examples" / "acoustic-sim.toml").network.model_dump(exclude_none=True) == bench.NETWORK
 
 
 def test_the_in_process_path_is_labelled_and_shots_have_no_memory():

@@ -26,6 +26,19 @@ def test_the_example_is_the_bench_rig():
     served = parse_config({"rig": bench.rig_section(example["metasurface"]["port"], example["vna"]["resource"])})
     assert served.rig.model_dump() == example
     assert len(example["metasurface"]["atoms"]) == bench.N_META >= 40
+    network = load_config(REPO / "examples" / "microwave-sim.toml").network.model_dump(exclude_none=True)
+    assert network == bench.NETWORK
+
+
+def test_the_default_layout_leaves_at_least_32_atoms_to_the_parameters():
+    from labpnn.training.defaults import choose_defaults
+
+    with get_bench("microwave").simulated_rig() as rig:
+        describe = rig.describe()
+    assert describe["network"] == get_bench("microwave").NETWORK  # served, so a remote trainer sees it
+    chosen = choose_defaults(describe, n_features=12, n_classes=7, n_train=154)  # the vowels
+    assert chosen["features"] * chosen["repeat"] <= describe["n_controls"] - 32
+    assert {c.name: c.source for c in chosen.choices}["repeat"] == "bench"
 
 
 def test_binary_controls_come_back_as_the_states_set():

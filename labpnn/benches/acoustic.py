@@ -43,6 +43,12 @@ RIG: dict[str, Any] = {"kind": "acoustic", "device": "system", "plan": PLANS["ca
                        "max_rms": 0.5}
 
 
+#: the [network] table: one tone per input feature, inputs on the first speakers' tones and the
+#: trainable parameters on the last speakers' — the same tones, so inputs and parameters meet in
+#: the box before the magnitude readout (controls are speaker-major)
+NETWORK: dict[str, Any] = {"repeat": 1, "layout": "blocks"}
+
+
 def rig_section(*, preset: str = "cavity", path: str = "inprocess", seed: int = 0, copy_seed: int = 0,
                 drift_scale: float = 1.0) -> dict[str, Any]:
     """The bench's [rig] table: the sound card "system" (``path="jack"``) or its in-process simulation."""
@@ -64,7 +70,7 @@ def simulated_rig(*, settle_s: float = 0.0, sweep_s: float = 0.0, seed: int = 0,
     its audio time (the plan's), in real time on the JACK path, on a simulated clock in-process."""
     config = parse_config({"name": f"acoustic-{preset}-sim",
                            "rig": rig_section(preset=preset, path=path, seed=seed, copy_seed=copy_seed,
-                                              drift_scale=drift_scale)}, "acoustic bench")
+                                              drift_scale=drift_scale), "network": NETWORK}, "acoustic bench")
     if path == "inprocess":
         rig = build_rig(config).connect()
         try:

@@ -33,6 +33,11 @@ RIG: dict[str, Any] = {
 }
 
 
+#: the [network] table: one meta-atom per input feature, spread over the surface, so that the
+#: trainable parameters keep at least 32 of the 48 atoms (the vowels: 12 inputs, 36 parameters)
+NETWORK: dict[str, Any] = {"repeat": 1, "layout": "spread"}
+
+
 def rig_section(serial_port: str, vna_resource: str, **vna: Any) -> dict[str, Any]:
     """The bench's [rig] table with the instruments at these addresses (``vna``: VNA overrides,
     e.g. ``output="reim"``)."""
@@ -83,8 +88,8 @@ def simulated_rig(*, settle_s: float = 0.0, sweep_s: float = 0.0, seed: int = 0,
     metasurface's own settle time; ``sweep_s`` is accepted for the common bench interface and
     ignored; ``vna``: VNA settings for the rig (e.g. ``output="reim"``)."""
     with emulators(seed=seed, copy_seed=copy_seed, settle_s=settle_s) as (serial_port, vna_resource):
-        config = parse_config({"name": "microwave-sim", "rig": rig_section(serial_port, vna_resource, **vna)},
-                              "microwave bench")
+        config = parse_config({"name": "microwave-sim", "rig": rig_section(serial_port, vna_resource, **vna),
+                               "network": NETWORK}, "microwave bench")
         rig = build_rig(config).connect()
         try:
             yield rig

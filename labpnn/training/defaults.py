@@ -112,17 +112,23 @@ def choose_defaults(describe: Mapping[str, Any], *, n_features: int, n_classes: 
                          f"{n_classes}, {n_train}")
     out: list[Choice] = []
 
+    bench = {k: v for k, v in dict(describe.get("network") or {}).items() if v is not None}
+
     def pick(name: str, value: Any, reason: str) -> Any:
         if name in given:
             out.append(Choice(name, given[name], "given by the caller", "user"))
             return given[name]
+        if name in bench:
+            out.append(Choice(name, bench[name], "the bench's default (its config's [network] table)", "bench"))
+            return bench[name]
         out.append(Choice(name, value, reason))
         return value
 
     # -- features and channels
-    if "repeat" in given:  # the caller's copies per feature: reduce only what cannot fit at all
-        fit = max(1, (n_controls - 1) // int(given["repeat"]))
-        why = f"{fit} = the {n_controls} channels less one parameter / {given['repeat']} copies (given)"
+    copies = given.get("repeat", bench.get("repeat"))
+    if copies is not None:  # copies per feature given (caller or bench): reduce only what cannot fit at all
+        fit = max(1, (n_controls - 1) // int(copies))
+        why = f"{fit} = the {n_controls} channels less one parameter / {copies} copies (given)"
     else:
         fit = max_features(n_controls)
         why = f"{fit} = {INPUT_FRACTION:.0%} of {n_controls} channels / {MIN_REPEAT} copies each"
