@@ -199,7 +199,7 @@ class RISController:
         if arr.shape != (self.n_bits,):
             raise ValueError(f"a pattern has {self.n_bits} bits, got shape {arr.shape}")
         command = "!0x" + pattern_to_hex(arr)
-        reply = self._transact(command)
+        reply = self._transact(command, expect="#OK")
         if reply != "#OK":
             raise RISError(f"metasurface controller at {self.port} answered {reply!r} to {command!r} "
                            "(expected '#OK')", command=command, port=self.port)
@@ -207,7 +207,7 @@ class RISController:
     def pattern(self) -> np.ndarray:
         """The latched pattern, uint8[n_bits], from ``?Pattern``."""
         command = "?Pattern"
-        reply = self._transact(command)
+        reply = self._transact(command, expect="#0X")
         if not reply.upper().startswith("#0X"):
             raise RISError(f"metasurface controller at {self.port} answered {reply!r} to {command!r} "
                            "(expected '#0X<hex>')", command=command, port=self.port)
@@ -246,18 +246,52 @@ class RISController:
                     return lines
 
     # -- transport
-    def _transact(self, command: str) -> str:
-        """Send one command and return its one-line reply (CR/LF stripped), resending on silence."""
+    def _transact(self, command: str, expect: str | None = None) -> str:
+        """Send one command and return its one-line reply (CR/LF stripped), resending on silence.
+        With ``expect`` (a reply prefix), lines that cannot answer this command — a late reply to an
+        earlier one that timed out — are dropped until the deadline."""
         with self._lock:
             for attempt in range(self.retries + 1):
                 self._send(command)
                 try:
-                    return self._read_line(time.monotonic() + self.timeout_s, command, waited_s=self.timeout_s,
-                                           attempts=attempt + 1)
+                    deadline = time.monotonic() + self.timeout_s
+                    dropped: list[str] = []
+                    while True:
+                        try:
+                            line = self._read_line(deadline, command, waited_s=self.timeout_s,
+                                                   attempts=attempt + 1)
+                        except RISTimeoutError as exc:
+                            if not dropped:
+                                raise
+                            raise RISTimeoutError(
+                                f"metasurface controller at {self.port} answered only {dropped!r}, which does "
+                                f"not answer {command!r} (expected {expect}...), within {self.timeout_s:g} s",
+                                command=command, port=self.port) from exc
+                        if expect is None or line.upper().startswith(expect.upper()):
+                            return line
+                        dropped.append(line)  # a late reply to an earlier command, not ours
                 except RISTimeoutError:
+                    # a reply that comes after all would be read as the next command's: wait for the
+                    # line to go quiet and drop what arrived, so the next exchange starts in step
+                    self._drain(quiet_s=0.05, limit_s=self.timeout_s)
                     if attempt == self.retries:
                         raise
             raise AssertionError("unreachable")
+
+    def _drain(self, *, quiet_s: float, limit_s: float) -> None:
+        """Read and drop input until the line has been quiet for ``quiet_s`` (at most ``limit_s``)."""
+        port = self._port()
+        end, quiet_since = time.monotonic() + limit_s, time.monotonic()
+        try:
+            while time.monotonic() < end and time.monotonic() - quiet_since < quiet_s:
+                if port.in_waiting:
+                    port.read(port.in_waiting)
+                    quiet_since = time.monotonic()
+                else:
+                    time.sleep(0.005)
+        except (serial.SerialException, OSError):
+            pass  # the next command reports the port's state
+        self._rx.clear()
 
     def _port(self) -> serial.SerialBase:
         if self._serial is None:

@@ -383,16 +383,16 @@ def test_driver_bytes_on_the_wire_over_a_socket_url():
         Step(b"!0x" + text.encode() + b"\n", b"#OK\n"),
         Step(b"?Pattern\n", b"#0X" + text.encode() + b"\n"),
         Step(b"!Reset\n", b"\nOpen Source RIS\nFirmware version: 1.0\n\n#READY!\n"),
-        Step(b"?Pattern\n", b"#OK\n"),  # a confused controller
+        Step(b"?Pattern\n", b"#OK\n"),  # a confused controller (or a late reply): never taken for the pattern
     ]
     with ScpiTranscript(steps) as transcript:
-        actuator = MetasurfaceActuator(f"socket://127.0.0.1:{transcript.port}", timeout_s=2.0)
+        actuator = MetasurfaceActuator(f"socket://127.0.0.1:{transcript.port}", timeout_s=0.5)
         actuator.connect()
         try:
             assert actuator.identify() == "Open Source RIS controller SN0042"
             np.testing.assert_array_equal(actuator.apply(bits.astype(np.float32)), bits.astype(np.float32))
             assert actuator.controller.reset()[-1] == "#READY!"
-            with pytest.raises(RISError, match="answered '#OK' to '\\?Pattern'"):
+            with pytest.raises(RISError, match="answered only \\['#OK'\\], which does not answer '\\?Pattern'"):
                 actuator.controller.pattern()
         finally:
             actuator.close()
@@ -422,3 +422,39 @@ def test_emulator_validates_its_arguments():
     for kwargs in ({"n_bits": 10}, {"n_bits": 0}, {"baud": 0}, {"settle_s": -1}, {"serial_no": "a\nb"}):
         with pytest.raises(ValueError):
             MetasurfaceControllerEmulator(**kwargs)
+
+
+def test_a_late_reply_is_not_taken_for_the_next_commands():
+    """A controller that answers after the driver gave up: the late `#OK` must not be read as the
+    answer to the next command (the driver waits for the line to go quiet after a timeout)."""
+    import tty
+
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    path = os.ttyname(slave)
+
+    def controller():
+        buf = b""
+        replies = [(0.25, b"#OK\n"), (0.0, b"#0X" + b"0" * 64 + b"\n")]  # late, then in time
+        while replies:
+            buf += os.read(master, 256)
+            while b"\n" in buf and replies:
+                _, buf = buf.split(b"\n", 1)
+                delay, reply = replies.pop(0)
+                time.sleep(delay)
+                os.write(master, reply)
+
+    worker = threading.Thread(target=controller, daemon=True)
+    worker.start()
+    ris = RISController(path, timeout_s=0.1)
+    ris.open()
+    try:
+        with pytest.raises(RISTimeoutError, match="stayed silent"):
+            ris.set_pattern(np.zeros(256, np.uint8))
+        ris.timeout_s = 2.0  # the controller answers ?Pattern only after its late #OK
+        assert ris.pattern().sum() == 0  # the ?Pattern reply, not the late #OK
+    finally:
+        ris.close()
+        worker.join(2)
+        os.close(master)
+        os.close(slave)
