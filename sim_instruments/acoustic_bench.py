@@ -26,12 +26,12 @@ import contextlib
 import dataclasses
 import signal
 import sys
-import threading
 
 import numpy as np
 from scipy.signal import lfilter
 
 from .acoustic_jack import AcousticJackEmulator, JackServer, JackUnavailable, server_running
+from .serving import stop_on_signals
 
 __all__ = ["AcousticBenchEmulators", "StandInPlant", "make_plant", "main", "DEFAULT_SERVER_NAME"]
 
@@ -176,41 +176,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no JACK server named {args.server_name!r} is running (drop --no-jackd to start one)",
               file=sys.stderr)
         return 1
-    stop = threading.Event()
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            previous[sig] = signal.signal(sig, lambda *_: stop.set())
-        except ValueError:  # not the main thread: the caller stops us some other way
-            pass
     bench = AcousticBenchEmulators(
         make_plant(args.preset, args.seed, args.copy_seed), server_name=args.server_name,
         start_jackd=not args.no_jackd, period=args.period, channels=args.channels,
         ref_latency_match=not args.no_reference,
     )
-    try:
-        bench.start()
-    except (JackUnavailable, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if hasattr(signal, "SIGUSR1"):
-        with contextlib.suppress(ValueError):
-            previous[signal.SIGUSR1] = signal.signal(
-                signal.SIGUSR1, lambda *_: bench.emulator.stall(args.stall_ms / 1e3))
-    try:
-        plant = bench.plant
-        print(f"server {args.server_name}", flush=True)
-        print(f"device {bench.device}", flush=True)
-        print(f"env JACK_DEFAULT_SERVER={args.server_name}", flush=True)
-        print(f"channels playback {plant.n_speakers + 1} capture {plant.n_mics + 1} "
-              f"(reference: playback {plant.n_speakers + 1} -> capture {plant.n_mics + 1})", flush=True)
-        print("ready", flush=True)
-        while not stop.wait(0.5):
-            pass
-    finally:
-        bench.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with stop_on_signals() as stop:
+        try:
+            bench.start()
+        except (JackUnavailable, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        stall = None
+        if hasattr(signal, "SIGUSR1"):
+            with contextlib.suppress(ValueError):
+                stall = signal.signal(signal.SIGUSR1, lambda *_: bench.emulator.stall(args.stall_ms / 1e3))
+        try:
+            plant = bench.plant
+            print(f"server {args.server_name}", flush=True)
+            print(f"device {bench.device}", flush=True)
+            print(f"env JACK_DEFAULT_SERVER={args.server_name}", flush=True)
+            print(f"channels playback {plant.n_speakers + 1} capture {plant.n_mics + 1} "
+                  f"(reference: playback {plant.n_speakers + 1} -> capture {plant.n_mics + 1})", flush=True)
+            print("ready", flush=True)
+            while not stop.wait(0.5):
+                pass
+        finally:
+            bench.stop()
+            if stall is not None:
+                signal.signal(signal.SIGUSR1, stall)
     return 0
 
 

@@ -12,13 +12,12 @@ otherwise. Run it as ``labpnn sim microwave`` or
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 from .metasurface_controller import MetasurfaceControllerEmulator
+from .serving import stop_on_signals
 from .vna_emulator import DIALECTS, VNAEmulator
 
 __all__ = ["MicrowaveBenchEmulators", "main", "DEFAULT_VNA_PORT"]
@@ -101,43 +100,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.settle_ms < 0 or args.baud <= 0:
         print("error: --settle-ms must be >= 0 and --baud > 0", file=sys.stderr)
         return 2
-    stop = threading.Event()
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            previous[sig] = signal.signal(sig, lambda *_: stop.set())
-        except ValueError:  # not the main thread: the caller stops us some other way
-            pass
     from .metasurface_cavity import CavityConfig
 
     bench = MicrowaveBenchEmulators(CavityConfig(seed=args.seed, copy_seed=args.copy_seed), vna_port=args.vna_port,
                                     settle_s=args.settle_ms / 1e3, baud=args.baud, dialect=args.dialect,
                                     host=args.host)
-    try:
-        bench.start()
-    except OSError as exc:
-        print(f"error: cannot start: {exc}", file=sys.stderr)
-        return 1
-    link = None
-    if args.link:
-        link = Path(args.link)
-        if link.is_symlink() or not link.exists():
-            link.unlink(missing_ok=True)
-            link.symlink_to(bench.serial_port)
-        else:
-            print(f"error: {link} exists and is not a symlink; not replacing it", file=sys.stderr)
-            link = None
-    try:
-        print(f"vna {bench.vna_resource}", flush=True)
-        print(f"metasurface {bench.serial_port}" + (f" (also {link})" if link else ""), flush=True)
-        while not stop.wait(0.5):
-            pass
-    finally:
-        if link is not None and link.is_symlink():
-            link.unlink(missing_ok=True)
-        bench.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with stop_on_signals() as stop:
+        try:
+            bench.start()
+        except OSError as exc:
+            print(f"error: cannot start: {exc}", file=sys.stderr)
+            return 1
+        link = None
+        if args.link:
+            link = Path(args.link)
+            if link.is_symlink() or not link.exists():
+                link.unlink(missing_ok=True)
+                link.symlink_to(bench.serial_port)
+            else:
+                print(f"error: {link} exists and is not a symlink; not replacing it", file=sys.stderr)
+                link = None
+        try:
+            print(f"vna {bench.vna_resource}", flush=True)
+            print(f"metasurface {bench.serial_port}" + (f" (also {link})" if link else ""), flush=True)
+            while not stop.wait(0.5):
+                pass
+        finally:
+            if link is not None and link.is_symlink():
+                link.unlink(missing_ok=True)
+            bench.stop()
     return 0
 
 

@@ -8,12 +8,11 @@ the two addresses and serves until SIGINT/SIGTERM (exit status 0).
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 from dataclasses import replace
 
 from .aq6370_emulator import AQ6370Emulator
+from .serving import stop_on_signals
 from .shg import OpticalBenchConfig, SHGBench
 from .waveshaper_emulator import WaveShaperEmulator
 
@@ -109,13 +108,6 @@ def main(argv: list[str] | None = None) -> int:
         copy_seed=args.copy_seed,
         copy_variation=args.copy_variation,
     )
-    stop = threading.Event()
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            previous[sig] = signal.signal(sig, lambda *_: stop.set())
-        except ValueError:  # not the main thread: the caller stops us some other way
-            pass
     bench = OpticalBenchEmulators(
         config,
         shaper_port=args.shaper_port,
@@ -126,23 +118,22 @@ def main(argv: list[str] | None = None) -> int:
         password=args.password,
         host=args.host,
     )
-    try:
-        bench.start()
-    except OSError as exc:
-        print(f"error: cannot bind: {exc}", file=sys.stderr)
-        return 1
-    try:
-        print(f"waveshaper {bench.shaper_url}", flush=True)
-        print(f"osa {bench.osa_resource}", flush=True)
-        if not bench.bench.fabrication.nominal:
-            fab = bench.bench.fabrication.summary()
-            print("copy " + " ".join(f"{k}={v:.6g}" for k, v in fab.items()), flush=True)
-        while not stop.wait(0.5):
-            pass
-    finally:
-        bench.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with stop_on_signals() as stop:
+        try:
+            bench.start()
+        except OSError as exc:
+            print(f"error: cannot bind: {exc}", file=sys.stderr)
+            return 1
+        try:
+            print(f"waveshaper {bench.shaper_url}", flush=True)
+            print(f"osa {bench.osa_resource}", flush=True)
+            if not bench.bench.fabrication.nominal:
+                fab = bench.bench.fabrication.summary()
+                print("copy " + " ".join(f"{k}={v:.6g}" for k, v in fab.items()), flush=True)
+            while not stop.wait(0.5):
+                pass
+        finally:
+            bench.stop()
     return 0
 
 

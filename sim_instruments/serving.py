@@ -1,12 +1,34 @@
 """What every emulator's server shares: a thread per connection, live connections tracked so
-`stop()` can cut them (a client that vanished must not keep a handler thread alive), and the
-start/stop lifecycle on 127.0.0.1 with port 0 meaning "pick a free one"."""
+`stop()` can cut them (a client that vanished must not keep a handler thread alive), the
+start/stop lifecycle on 127.0.0.1 with port 0 meaning "pick a free one", and the way a bench's
+command line serves until SIGINT/SIGTERM (`stop_on_signals`)."""
 from __future__ import annotations
 
+import contextlib
+import signal
 import socket
 import socketserver
 import threading
+from collections.abc import Iterator
 from typing import Any
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event that SIGINT and SIGTERM set while the block runs (the previous handlers come back
+    after it). Outside the main thread no handler can be installed: the caller stops it otherwise."""
+    stop = threading.Event()
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class TrackedConnections:
