@@ -28,13 +28,12 @@ import time
 from typing import Any
 
 import numpy as np
-import pyvisa
 from pymeasure.instruments import Instrument
 from pymeasure.instruments.validators import strict_discrete_set, strict_range
 
 from .roles import FLAG_SATURATED
 from .scpi import IO_ERRORS as _IO_ERRORS
-from .scpi import CommandError, SCPIInstrument, ieee_block_header, parse_ieee_block, tcp_nodelay
+from .scpi import CommandError, SCPIInstrument, ieee_block_header, parse_ieee_block
 
 __all__ = [
     "AQ6370",
@@ -133,13 +132,8 @@ class AQ6370(SCPIInstrument):
 
     def __init__(self, adapter, name: str = "Yokogawa AQ6370", *, read_termination: str = "\n",
                  write_termination: str = "\n", timeout_s: float = 30.0, **kwargs):
-        kwargs.setdefault("visa_library", "@py")
-        super().__init__(adapter, name, read_termination=read_termination,
-                         write_termination=write_termination, timeout=int(round(timeout_s * 1000)), **kwargs)
-        self._last_command = ""
-        res = getattr(self.adapter, "connection", None)
-        if isinstance(res, pyvisa.resources.TCPIPSocket):
-            tcp_nodelay(res)
+        super().__init__(adapter, name, read_termination=read_termination, write_termination=write_termination,
+                         timeout_s=timeout_s, **kwargs)
 
     # -- declarative settings (manual: remote commands, SENSe / FORMat / DISPlay subsystems)
     wavelength_start = Instrument.control(

@@ -100,6 +100,16 @@ class SCPIInstrument(SCPIMixin, Instrument):
     max_block_bytes = 64 * 2**20
     _last_command = ""
 
+    def __init__(self, adapter, name: str, *, read_termination: str = "\n", write_termination: str = "\n",
+                 timeout_s: float = 5.0, **kwargs):
+        """Over pyvisa-py by default (``visa_library="@py"``), Nagle off on a raw TCP socket."""
+        kwargs.setdefault("visa_library", "@py")
+        super().__init__(adapter, name, read_termination=read_termination, write_termination=write_termination,
+                         timeout=int(round(timeout_s * 1000)), **kwargs)
+        res = getattr(self.adapter, "connection", None)
+        if isinstance(res, pyvisa.resources.TCPIPSocket):
+            tcp_nodelay(res)
+
     def write(self, command: str, **kwargs) -> None:
         self._last_command = command
         try:

@@ -44,12 +44,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyvisa
 from pymeasure.instruments import Instrument
 from pymeasure.instruments.validators import strict_discrete_set, strict_range
 
 from .scpi import IO_ERRORS as _IO_ERRORS
-from .scpi import CommandError, SCPIInstrument, ieee_block_header, parse_ieee_block, tcp_nodelay
+from .scpi import CommandError, SCPIInstrument, ieee_block_header, parse_ieee_block
 
 __all__ = [
     "BYTE_ORDERS",
@@ -185,17 +184,12 @@ class VNA(SCPIInstrument):
                  write_termination: str = "\n", timeout_s: float = 5.0, swap_reversed: bool = False, **kwargs):
         if dialect not in DIALECTS:
             raise ValueError(f"dialect must be one of {sorted(DIALECTS)}, got {dialect!r}")
-        kwargs.setdefault("visa_library", "@py")
-        super().__init__(adapter, name, read_termination=read_termination,
-                         write_termination=write_termination, timeout=int(round(timeout_s * 1000)), **kwargs)
+        super().__init__(adapter, name, read_termination=read_termination, write_termination=write_termination,
+                         timeout_s=timeout_s, **kwargs)
         self.dialect = dialect
         self.commands = DIALECTS[dialect]
         self.timeout_s = float(timeout_s)
         self.swap_reversed = bool(swap_reversed)
-        self._last_command = ""
-        res = getattr(self.adapter, "connection", None)
-        if isinstance(res, pyvisa.resources.TCPIPSocket):
-            tcp_nodelay(res)
 
     # -- declarative settings (both dialects; PNA and ZNB manuals, SENSe / SOURce / FORMat subsystems)
     start_frequency = Instrument.control(
