@@ -68,6 +68,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .scpi_emulation import ScpiCommands
+from .scpi_emulation import ScpiError as _ScpiError
+from .scpi_emulation import undefined as _undefined
 from .serving import Served, TrackedConnections
 from .shg import SHGBench
 
@@ -75,7 +78,6 @@ __all__ = ["AQ6370Emulator", "IDN"]
 
 IDN = "YOKOGAWA,AQ6370D,SIM000002,01.00"
 _MAX_LINE = 1 << 20
-_QUEUE_LEN = 32
 _RESOLUTIONS_M = np.array([0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0]) * 1e-9
 _WL_MIN, _WL_MAX, _SPAN_MAX = 600e-9, 1700e-9, 1100e-9
 _DBM_FLOOR = -210.0
@@ -84,15 +86,6 @@ _NUM_RE = re.compile(r"^([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*([A-Za-z]*
 _UNITS = {"": 1.0, "M": 1.0, "NM": 1e-9, "UM": 1e-6, "PM": 1e-12}
 
 
-class _ScpiError(Exception):
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def _undefined() -> _ScpiError:
-    return _ScpiError(-113, "Undefined header")
 
 
 def _fmt(v: float) -> str:
@@ -142,8 +135,10 @@ class _State:
     oper_event: int = 0
 
 
-class AQ6370Emulator(Served):
+class AQ6370Emulator(ScpiCommands, Served):
     """An AQ6370-style OSA on ``host:port`` (port 0 picks a free one) reading ``bench``'s SH."""
+
+    quotes = '"'  # its commands quote with " only
 
     thread_name = "aq6370-sim"
 
@@ -193,11 +188,6 @@ class AQ6370Emulator(Served):
         st = self._st
         return np.linspace(st.start_m, st.stop_m, st.points)
 
-    def _push_error(self, code: int, message: str) -> None:
-        if len(self._errors) >= _QUEUE_LEN:
-            self._errors[-1] = (-350, "Queue overflow")
-        else:
-            self._errors.append((code, message))
 
     def _poll_sweep(self) -> None:
         """Complete a sweep whose time has elapsed (called before every command)."""
@@ -210,25 +200,6 @@ class AQ6370Emulator(Served):
             self.sweeps += 1
 
     # ------------------------------------------------------------------ execution
-    def execute_line(self, line: str) -> bytes | None:
-        """Execute one line of (possibly ``;``-separated) commands; returns the reply or None."""
-        replies: list[bytes] = []
-        prefix: list[str] = []
-        for cmd in _split_commands(line):
-            parts = cmd.split(None, 1)
-            header, params = parts[0], (parts[1].strip() if len(parts) > 1 else "")
-            try:
-                reply, prefix = self._execute(header, params, prefix)
-            except _ScpiError as err:
-                with self._lock:
-                    self._push_error(err.code, err.message)
-                continue
-            if reply is not None:
-                replies.append(reply)
-        if not replies:
-            return None
-        return b";".join(replies) + b"\n"
-
     def _execute(self, header: str, params: str, prefix: list[str]):
         query = header.endswith("?")
         head = header[:-1] if query else header
@@ -459,21 +430,6 @@ def _choice(params: str, names: dict, numeric=()) -> int:
     if v not in numeric:
         raise _ScpiError(-224, "Illegal parameter value")
     return v
-
-
-def _split_commands(line: str) -> list[str]:
-    """Split on ``;`` outside double quotes; strip whitespace."""
-    out, buf, quoted = [], [], False
-    for ch in line:
-        if ch == '"':
-            quoted = not quoted
-        if ch == ";" and not quoted:
-            out.append("".join(buf).strip())
-            buf = []
-        else:
-            buf.append(ch)
-    out.append("".join(buf).strip())
-    return [c for c in out if c]
 
 
 # ---------------------------------------------------------------------- socket server

@@ -90,12 +90,14 @@ from typing import Any
 
 import numpy as np
 
+from .scpi_emulation import ScpiCommands, split_top
+from .scpi_emulation import ScpiError as _ScpiError
+from .scpi_emulation import undefined as _undefined
 from .serving import Served, TrackedConnections
 
 __all__ = ["VNAEmulator", "DIALECTS", "sweep_time_s"]
 
 _MAX_LINE = 1 << 20
-_QUEUE_LEN = 32
 _NUM_RE = re.compile(r"^([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*([A-Za-z]*)$")
 _FREQ_UNITS = {"": 1.0, "HZ": 1.0, "KHZ": 1e3, "MHZ": 1e6, "GHZ": 1e9}
 _POWER_UNITS = {"": 1.0, "DBM": 1.0}
@@ -141,15 +143,6 @@ DIALECTS = {
 }
 
 
-class _ScpiError(Exception):
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def _undefined() -> _ScpiError:
-    return _ScpiError(-113, "Undefined header")
 
 
 def _fmt(v: float) -> str:
@@ -203,23 +196,6 @@ def _match(tokens, nodes, suffixes: list[int]) -> list[int] | None:
 
 
 # ---------------------------------------------------------------------- parameters
-def _split_top(text: str, sep: str) -> list[str]:
-    """Split on ``sep`` outside single or double quotes."""
-    out, buf, quote = [], [], None
-    for ch in text:
-        if quote is None and ch in "'\"":
-            quote = ch
-        elif ch == quote:
-            quote = None
-        if ch == sep and quote is None:
-            out.append("".join(buf).strip())
-            buf = []
-        else:
-            buf.append(ch)
-    out.append("".join(buf).strip())
-    return out
-
-
 def _number(params: str, units: dict) -> float:
     p = params.strip()
     if not p:
@@ -251,7 +227,7 @@ def _unquote(text: str) -> str:
 
 
 def _string_args(params: str, n: int) -> list[str]:
-    args = [_unquote(a) for a in _split_top(params, ",")] if params.strip() else []
+    args = [_unquote(a) for a in split_top(params, ",")] if params.strip() else []
     if len(args) < n or not all(args[:n]):
         raise _ScpiError(-109, "Missing parameter")
     if len(args) > n:
@@ -284,7 +260,7 @@ class _State:
     opc_armed: bool = False
 
 
-class VNAEmulator(Served):
+class VNAEmulator(ScpiCommands, Served):
     """A PNA- or ZNB-style VNA on ``host:port`` (port 0 picks a free one) measuring ``cavity``.
 
     :param cavity: has ``n_meta`` and ``measure(states, freqs_hz, *, if_bandwidth_hz, power_dbm)``.
@@ -344,11 +320,7 @@ class VNAEmulator(Served):
         """Seconds one sweep takes with the current points and IF bandwidth."""
         return sweep_time_s(self._st.points, self._st.ifbw_hz)
 
-    def _push_error(self, code: int, message: str) -> None:
-        if len(self._errors) >= _QUEUE_LEN:
-            self._errors[-1] = (-350, "Queue overflow")
-        else:
-            self._errors.append((code, message))
+
 
     def _measure_at(self, t: float) -> tuple[np.ndarray, np.ndarray]:
         """One sweep of the pattern seen at monotonic time ``t``: (freqs, S21)."""
@@ -382,27 +354,6 @@ class VNAEmulator(Served):
         return self._trace_f, self._trace
 
     # ------------------------------------------------------------------ execution
-    def execute_line(self, line: str) -> bytes | None:
-        """Execute one line of (possibly ``;``-separated) commands; returns the reply or None."""
-        replies: list[bytes] = []
-        prefix: list[str] = []
-        for cmd in _split_top(line, ";"):
-            if not cmd:
-                continue
-            parts = cmd.split(None, 1)
-            header, params = parts[0], (parts[1].strip() if len(parts) > 1 else "")
-            try:
-                reply, prefix = self._execute(header, params, prefix)
-            except _ScpiError as err:
-                with self._lock:
-                    self._push_error(err.code, err.message)
-                continue
-            if reply is not None:
-                replies.append(reply)
-        if not replies:
-            return None
-        return b";".join(replies) + b"\n"
-
     def _execute(self, header: str, params: str, prefix: list[str]):
         query = header.endswith("?")
         head = (header[:-1] if query else header).upper()
