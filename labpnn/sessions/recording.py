@@ -75,10 +75,15 @@ class RecordingSystem:
     def run(self, controls: np.ndarray) -> np.ndarray:
         return self.measure(controls).raise_for_error().traces
 
-    def measure(self, controls: np.ndarray, abort: threading.Event | None = None, **kwargs: Any) -> Measurement:
-        """Measure through the wrapped system and record the result. ``abort`` and other keyword
-        arguments (e.g. a server's ``progress``) are passed on if the wrapped ``measure`` takes them."""
-        tag = self.tag
+    def measure(self, controls: np.ndarray, abort: threading.Event | None = None, *, tag: str | None = None,
+                **kwargs: Any) -> Measurement:
+        """Measure through the wrapped system and record the result, under ``tag`` if given (this
+        call only), else the current tag. ``abort`` and other keyword arguments (e.g. a server's
+        ``progress``) are passed on if the wrapped ``measure`` takes them."""
+        if tag is None:
+            tag = self.tag
+        else:
+            _encode_name(tag, _TAG_BYTES, "tag")
         kwargs = {k: v for k, v in kwargs.items() if v is not None and k in self._accepts}
         if abort is not None and "abort" in self._accepts:
             kwargs["abort"] = abort

@@ -1,14 +1,18 @@
-"""``labpnn train``: train a physical network on a rig (a device server, or a config run in-process)."""
+"""``labpnn train``: train a physical network on a rig (a device server, or a config run in-process),
+or data-parallel on several copies of a rig under ``torchrun`` (one ``--rig`` per process)."""
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from labpnn.contract import PhysicalSystem
+from labpnn.training import parallel as dp
 from labpnn.training.trainer import train
 
 
@@ -68,20 +72,63 @@ def training_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def cli_train(parser: argparse.ArgumentParser):
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--rig", help="device server address, e.g. tcp://127.0.0.1:5555")
+    where.add_argument("--rig", action="append",
+                       help="device server address, e.g. tcp://127.0.0.1:5555; several (one per process) to train "
+                       "data-parallel under torchrun --nproc-per-node N: rank i drives the i-th")
     where.add_argument("--config", help="a rig config (RIG.toml) to run in-process")
+    parser.add_argument("--rig-timeout", type=float, default=10.0,
+                        help="seconds a rig may stay silent (x3 attempts) before it counts as failed (default 10); "
+                        "data-parallel, a vanished rank is given twice that")
     add_training_arguments(parser)
 
     def handler(args: argparse.Namespace) -> int:
-        with _open_system(args) as system:
-            result = train(system, args.dataset, method=args.method, twin=args.twin, layers=args.layers,
-                           epochs=args.epochs, seed=args.seed, session=args.session, report_dir=args.report,
-                           online_twin=args.online_twin, checkpoint=args.checkpoint, resume=args.resume,
-                           progress=not args.quiet, announce=_announce, **training_options(args))
-        print(json.dumps({k: v for k, v in result.summary().items() if k not in ("events", "twin_fit")}, indent=2))
+        try:
+            parallel, address = _join(args)
+        except ValueError as exc:
+            print(f"labpnn train: {exc}", file=sys.stderr)
+            return 2
+        session = args.session
+        if parallel is not None and session:  # each rank records its own rig
+            session = str(Path(session).with_suffix(f".rank{parallel.rank}{Path(session).suffix or '.h5'}"))
+        try:
+            with _open_system(args, address) as system:
+                result = train(system, args.dataset, method=args.method, twin=args.twin, layers=args.layers,
+                               epochs=args.epochs, seed=args.seed, session=session, report_dir=args.report,
+                               online_twin=args.online_twin, checkpoint=args.checkpoint, resume=args.resume,
+                               progress=not args.quiet, announce=_announce if parallel is None or parallel.rank == 0
+                               else None, parallel=parallel, **training_options(args))
+        except dp.RunStopped as stop:
+            where = f"rank {parallel.rank}: " if parallel is not None else ""
+            print(f"labpnn train: {where}stopped: {stop}" + (
+                f"; checkpoint {stop.checkpoint}: resume with --resume {stop.checkpoint} on the rigs left"
+                if stop.checkpoint else " (no --checkpoint given: nothing to resume from)"), file=sys.stderr)
+            return 3
+        finally:
+            if parallel is not None:
+                dp.stop()
+        if parallel is None or parallel.rank == 0:
+            print(json.dumps({k: v for k, v in result.summary().items() if k not in ("events", "twin_fit")},
+                             indent=2))
         return 0
 
     return handler
+
+
+def _join(args: argparse.Namespace):
+    """``(DataParallel or None, this process's rig address)``: one ``--rig`` trains alone; several
+    need ``torchrun`` with one process per rig."""
+    rigs = args.rig or []
+    if not dp.launched():
+        if len(rigs) > 1:
+            raise ValueError(f"{len(rigs)} rigs given: launch with `torchrun --nproc-per-node {len(rigs)} -m labpnn "
+                             "train --rig ... --rig ...` (one process per rig)")
+        return None, rigs[0] if rigs else None
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    if len(rigs) != world:
+        raise ValueError(f"torchrun started {world} processes but {len(rigs)} --rig were given: one rig per process")
+    if args.method not in ("pat", "insilico"):
+        raise ValueError(f"--method {args.method} does not run data-parallel (pat and insilico do)")
+    return dp.start(step_timeout_s=2 * 3 * args.rig_timeout), rigs[rank]
 
 
 def _announce(line: str) -> None:
@@ -90,11 +137,11 @@ def _announce(line: str) -> None:
 
 
 @contextlib.contextmanager
-def _open_system(args) -> Iterator[PhysicalSystem]:
-    if args.rig:
+def _open_system(args, address: str | None) -> Iterator[PhysicalSystem]:
+    if address:
         from labpnn.remote.client import RigClient
 
-        client = RigClient(args.rig)
+        client = RigClient(address, timeout_s=args.rig_timeout)
         try:
             yield client
         finally:

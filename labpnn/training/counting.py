@@ -1,7 +1,8 @@
 """Counting physical passes: every method reports what it spent on the physics, by kind.
 
 A pass is one row of controls run on the rig. `PassCounter` wraps any `PhysicalSystem` and books
-each measured row under the current kind (calibration, train, validation, test); ``server_busy``
+each measured row under the current kind (calibration, train, validation, test; ``probe`` for
+the drift probes, `labpnn.training.drift`, which appears only once one is measured); ``server_busy``
 reads the device server's instrument time when the rig is remote (for the duty cycle)."""
 from __future__ import annotations
 
@@ -56,13 +57,17 @@ class PassCounter:
     def run(self, controls: np.ndarray) -> np.ndarray:
         return self.measure(controls).raise_for_error().traces
 
-    def measure(self, controls: np.ndarray) -> Measurement:
-        kind = self.kind
+    def measure(self, controls: np.ndarray, *, kind: str | None = None) -> Measurement:
+        """Measure and count under the current kind, or under ``kind`` for this call alone (its
+        session tag too, through a `RecordingSystem`): a probe measured between two training
+        batches by another thread is never booked as training, nor a training batch as a probe."""
+        tag = kind
+        kind = self.kind if kind is None else kind
         if self._call_lock is not None:
             with self._call_lock:
-                m = measure_of(self.system, controls)
+                m = self._measure(controls, tag)
         else:
-            m = measure_of(self.system, controls)
+            m = self._measure(controls, tag)
         with self._count_lock:
             self.passes[kind] = self.passes.get(kind, 0) + m.n_done
             self.busy_s[kind] = self.busy_s.get(kind, 0.0) + float(m.busy_s or 0.0)
@@ -70,6 +75,11 @@ class PassCounter:
         if kind == "train" and self.on_train is not None and m.n_done:
             self.on_train(m)
         return m
+
+    def _measure(self, controls: np.ndarray, tag: str | None) -> Measurement:
+        if tag is not None and hasattr(self.system, "writer") and hasattr(self.system, "tag"):  # a RecordingSystem
+            return self.system.measure(controls, tag=tag)
+        return measure_of(self.system, controls)
 
     @property
     def total(self) -> int:

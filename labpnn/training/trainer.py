@@ -31,10 +31,18 @@
 
 ``online_twin=True`` (PAT only) refines the twin in the background from every training batch
 measured (`labpnn.twin.online.OnlineTwinFitter`, fed without ever blocking the training loop; PAT's
-backward uses the newest snapshot through `labpnn.training.pat.LiveTwin`). The fitter's drift alarms are
-logged in the session, the fitter raises its own learning rate for a while, and the trainer
-measures a small recalibration batch around the current operating point (tag ``calibration``)
-and feeds it to the fitter.
+backward uses the newest snapshot through `labpnn.training.pat.LiveTwin`). Drift is told by probes
+(`labpnn.training.drift`): 4 rows of the first training batch re-measured after every 4th training
+batch (passes of kind ``probe``); when they change by more than ``drift_threshold`` x their repeat
+noise, a ``drift_alarm`` is logged, the fitter adapts at once and, after the epoch, the trainer
+measures a small recalibration batch around the current operating point (tag ``calibration``) and
+feeds it to the fitter. The twin's own error is reported as ``twin_quality`` and raises no alarm:
+it rises as much where training carries the network beyond the twin's data as after a drift.
+
+Data-parallel (``parallel=``, `labpnn.training.parallel`): one process per copy of a rig under
+``torchrun``; each minibatch is split by rank, gradients summed in one all-reduce per step with
+a stop flag, validation taken on the worst rig, the test measured on every rig; a failed rig stops
+every rank after a checkpoint that resumes mid-epoch on the rigs left.
 
 Duty cycle: the rig's busy time (the device server's ``busy_s`` when the system is a
 `RigClient`, else the measurements' own ``busy_s``) over the wall time of the training steps
@@ -72,6 +80,7 @@ from labpnn.training.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_
 from labpnn.training.counting import KINDS, FirstMeasurement, PassCounter, server_busy
 from labpnn.training.datasets import Dataset, load_dataset, logistic_baseline, reduce_features
 from labpnn.training.network import PhysicalNetwork, build_network
+from labpnn.training.parallel import RunStopped, Solo, parameter_digest
 from labpnn.training.pat import LiveTwin, PATForward, PhysicsForward, TwinForward
 from labpnn.twin.model import jsonable
 
@@ -198,6 +207,13 @@ class TrainSettings:
     #: keep the physical parameters (theta) at their random start: only the element-wise affine maps
     #: train — the baseline that shows what training the physics adds
     freeze_physical: bool = False
+    #: drift probes (with ``online_twin``; `labpnn.training.drift`): this many rows of the first training
+    #: batch, re-measured after every ``drift_probe_every``-th training batch (passes of kind "probe");
+    #: a drift alarm (and a recalibration) when they differ from their reference by more than
+    #: ``drift_threshold`` x the repeat noise. 0 rows: no probes, no drift alarms.
+    drift_probe_rows: int = 4
+    drift_probe_every: int = 4
+    drift_threshold: float = 3.0
 
 
 def resolve_settings(settings: TrainSettings, describe: dict[str, Any], ds: Dataset):
@@ -237,6 +253,9 @@ class TrainResult:
     #: where the readout bins went and how often each class wins at the start (through the twin)
     readout_placement: dict[str, Any] | None = None
     recall: list[float] | None = None  #: per class, on the test split, on the physics
+    #: data-parallel: one entry per rig (rank, address, test accuracy on that rig's physics, passes,
+    #: session, the parameters' hash after every step); ``test_accuracy`` is then the worst rig's
+    rigs: list[dict[str, Any]] | None = None
 
     def summary(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k not in ("network", "history")}
@@ -370,7 +389,7 @@ def train(system: PhysicalSystem, dataset: Dataset | str | Path = "vowels", *, m
           twin=None, layers: int = 1, epochs: int | None = None, seed: int = 0, session: str | Path | None = None,
           report_dir: str | Path | None = None, online_twin: bool = False, checkpoint: str | Path | None = None,
           resume: str | Path | None = None, progress: bool = True, calibration=None,
-          announce: Callable[[str], None] | None = None, **options: Any) -> TrainResult:
+          announce: Callable[[str], None] | None = None, parallel: Solo | None = None, **options: Any) -> TrainResult:
     """Train a ``layers``-deep physical network on ``system`` (see the module docstring).
 
     ``twin``: a `labpnn.twin.Twin` (or a path to one); None calibrates and fits one (with
@@ -379,13 +398,21 @@ def train(system: PhysicalSystem, dataset: Dataset | str | Path = "vowels", *, m
     ``options``: any `TrainSettings` field (batch_size, lr, hidden, repeat, readout, target,
     chunk_rows, in_flight, calibration_rows, twin_seconds, ...); those left None are chosen from the
     data and the bench (`labpnn.training.defaults`), and ``announce`` (e.g. ``print``) gets one
-    line per choice with its reason before anything is measured."""
+    line per choice with its reason before anything is measured.
+
+    ``parallel``: a `labpnn.training.parallel.DataParallel` when this process is one rank of a
+    data-parallel run over several rigs (``system`` is this rank's rig); the default trains alone.
+    A rig that fails mid-run stops the run on every rank with `RunStopped`, after a checkpoint
+    (when ``checkpoint`` is given) from which ``resume`` continues, mid-epoch, on the rigs left."""
+    parallel = parallel or Solo()
     settings = TrainSettings(method=method, layers=layers, epochs=epochs, seed=seed, online_twin=online_twin,
                              **options)
     if settings.method not in ("pat", "insilico", *MODEL_FREE):
         raise ValueError(f"unknown method {settings.method!r} (have: pat, insilico, {', '.join(MODEL_FREE)})")
     full = dataset if isinstance(dataset, Dataset) else load_dataset(dataset, seed=seed)
     if settings.method in MODEL_FREE:
+        if parallel.distributed:
+            raise ValueError(f"{settings.method} does not run data-parallel (pat and insilico do)")
         return _train_model_free(system, full, settings, session=session, report_dir=report_dir)
     settings, chosen = resolve_settings(settings, system.describe(), full)
     ds = reduce_features(full, settings.features)
@@ -394,10 +421,20 @@ def train(system: PhysicalSystem, dataset: Dataset | str | Path = "vowels", *, m
         if announce is not None:
             announce(line)
     torch.manual_seed(seed)
-    with _Run(system, ds, settings, session=session, full=full, chosen=chosen) as run:
+    with _Run(system, ds, settings, session=session, full=full, chosen=chosen, parallel=parallel) as run:
         net = make_network(int(run.describe["n_controls"]), int(run.describe["n_outputs"]), ds, settings)
-        twin, calibration = run.twin(twin, net, resume=resume, calibration=calibration, progress=progress)
+        failed = None
+        try:
+            twin, calibration = run.twin(twin, net, resume=resume, calibration=calibration, progress=progress)
+        except Exception as exc:
+            if not parallel.distributed:
+                raise
+            log.exception("rank %d: calibrating the rig failed", parallel.rank)
+            failed = exc
+        if ranks := parallel.failed_ranks(failed is not None):  # nothing trained yet: stop, nothing to keep
+            raise RunStopped(_failure_message(ranks, parallel, failed, "calibration"), failed=ranks) from failed
         net.init_affine(run.X, TwinForward(twin), repool=settings.pooling)
+        parallel.broadcast_(list(net.state_dict().values()))  # every rank starts from rank 0's network
         if net.placement is not None:
             run.placement = net.placement
             shares = net.placement["shares"]
@@ -411,51 +448,87 @@ def train(system: PhysicalSystem, dataset: Dataset | str | Path = "vowels", *, m
         state = _State.start(net, seed, run.counter) if resume is None else _State.resume(resume, net, opt, run)
         with run.forwards(twin, calibration) as (train_forward, pool):
             bar = run.bar(settings.epochs - state.epoch, progress)
-            for epoch in range(state.epoch + 1, settings.epochs + 1):
-                loss, acc = _epoch(net, opt, run, train_forward, pool, state, epoch)
-                run.handle_alarms(net)
-                with run.counter.counting("validation"):
-                    val_acc, val_loss, _ = evaluate(net, ds.X_val, ds.y_val, run.physics, batch=settings.eval_batch)
-                state.record(net, epoch, loss, acc, val_acc, val_loss, run, bar)
+            try:
+                for epoch in range(state.epoch + 1, settings.epochs + 1):
+                    loss, acc = _epoch(net, opt, run, train_forward, pool, state, epoch)
+                    run.handle_alarms(net)
+                    val_acc, val_loss = run.validate(net)
+                    state.record(net, epoch, loss, acc, val_acc, val_loss, run, bar)
+                    if checkpoint is not None:
+                        run.checkpoint(checkpoint, net, opt, state, twin)
+                    if (settings.max_train_passes is not None
+                            and run.counter.passes["train"] >= settings.max_train_passes):
+                        run.event("budget", f"stopped after epoch {epoch}: {run.counter.passes['train']} training passes")
+                        break
+            except RunStopped as stop:
                 if checkpoint is not None:
-                    save_checkpoint(checkpoint, net, opt, epoch, state.history, state.best, state.passes_to_target,
-                                    state.gen, run.counter, state.duty, settings, ds, run.fitter or twin)
-                if settings.max_train_passes is not None and run.counter.passes["train"] >= settings.max_train_passes:
-                    run.event("budget", f"stopped after epoch {epoch}: {run.counter.passes['train']} training passes")
-                    break
+                    run.checkpoint(checkpoint, net, opt, state, twin, stopped_by=stop.failed)
+                    stop.checkpoint = str(checkpoint)
+                run.event("stopped", f"{stop} (after {state.step} step(s) of epoch {state.epoch + 1}"
+                          + (f"; checkpoint {checkpoint})" if checkpoint is not None else ")"), failed=stop.failed)
+                if -1 not in stop.failed:  # every rank alive: leave together, each with its checkpoint written
+                    with contextlib.suppress(RunStopped):
+                        run.parallel.barrier()
+                raise
         return run.finish(net, state, report_dir=report_dir)
 
 
 def _epoch(net, opt, run: _Run, forward, pool, state: _State, epoch: int) -> tuple[float, float]:
     """One pass over the training set in minibatches; returns (mean loss, accuracy). Books the
-    rig's busy time and the wall time in ``state.duty``."""
-    settings = run.settings
+    rig's busy time and the wall time in ``state.duty``. Data-parallel, every rank draws the same
+    permutation and measures its share of each minibatch (`labpnn.training.parallel`); a resumed
+    epoch skips the ``state.step`` minibatches done before the stop."""
+    settings, parallel = run.settings, run.parallel
     if settings.lr_schedule == "cosine":
         frac = (epoch - 1) / max(1, settings.epochs - 1)
         for group in opt.param_groups:
             group["lr"] = settings.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+    state.epoch_gen = state.gen.get_state()  # a checkpoint mid-epoch redraws this epoch's permutation
     perm = torch.randperm(len(run.X), generator=state.gen)
     params = [p for p in net.parameters() if p.requires_grad]
     loss_sum = correct_sum = 0.0
     busy0, busy_meas0 = server_busy(run.counter), run.counter.busy_s["train"]
     started = time.perf_counter()
     with run.counter.counting("train"):
-        for i in range(0, len(perm), settings.batch_size):
+        for step, i in enumerate(range(0, len(perm), settings.batch_size)):
+            if step < state.step:
+                continue
             idx = perm[i:i + settings.batch_size]
-            loss, correct, grads = _step_gradients(net, params, run.X, run.y, idx, forward, settings.chunk_rows, pool)
+            mine, failed = parallel.split(idx), None
+            try:
+                loss, correct, grads = _step_gradients(net, params, run.X, run.y, mine, forward, settings.chunk_rows,
+                                                       pool, n_total=len(idx))
+            except Exception as exc:  # noqa: BLE001 — a failed rig stops every rank cleanly, whatever it raised
+                log.exception("rank %d: the rig failed in step %d of epoch %d", parallel.rank, step, epoch)
+                failed = exc
+                loss, correct, grads = 0.0, 0.0, [torch.zeros_like(p) for p in params]
+            grads, loss, correct, ranks = parallel.reduce_step(grads, loss, correct, failed is not None)
+            if ranks:
+                raise RunStopped(_failure_message(ranks, parallel, failed, f"step {step} of epoch {epoch}"),
+                                 failed=ranks) from failed
             for p, g in zip(params, grads, strict=True):
                 p.grad = g
             if settings.clip:
                 nn.utils.clip_grad_norm_(params, settings.clip)
             opt.step()
             net.project_()
+            state.step = step + 1
+            if parallel.distributed:
+                run.digests.append(parameter_digest(params))
             loss_sum += loss
             correct_sum += correct
+    state.step = 0
     busy1 = server_busy(run.counter)
     state.duty["wall_s"] += time.perf_counter() - started
     state.duty["busy_s"] += (busy1 - busy0 if busy0 is not None and busy1 is not None
                              else run.counter.busy_s["train"] - busy_meas0)
     return loss_sum / len(perm), correct_sum / len(perm)
+
+
+def _failure_message(ranks: list[int], parallel: Solo, failed: BaseException | None, where: str) -> str:
+    if failed is not None:
+        return f"rig of rank {parallel.rank} failed in {where}: {type(failed).__name__}: {failed}"
+    return f"rig of rank(s) {', '.join(map(str, ranks))} failed in {where}: stopping with them"
 
 
 @dataclass
@@ -469,7 +542,9 @@ class _State:
     passes_to_target: int | None
     gen: torch.Generator
     duty: dict[str, Any]
-    epoch: int = 0
+    epoch: int = 0  #: the last epoch completed
+    step: int = 0  #: minibatches of epoch ``epoch + 1`` done (a run stopped mid-epoch)
+    epoch_gen: torch.Tensor | None = None  #: the generator's state before that epoch's permutation
 
     @classmethod
     def start(cls, net: PhysicalNetwork, seed: int, counter: PassCounter) -> _State:
@@ -485,12 +560,13 @@ class _State:
         opt.load_state_dict(ck["optimizer"])
         state = cls.start(net, run.settings.seed, run.counter)
         state.history, state.best, state.passes_to_target = ck["history"], ck["best"], ck["passes_to_target"]
-        state.epoch = int(ck["epoch"])
+        state.epoch, state.step = int(ck["epoch"]), int(ck.get("step", 0))
         state.gen.set_state(ck["generator"])
         for kind, n in ck["passes"].items():
             run.counter.passes[kind] = run.counter.passes.get(kind, 0) + int(n)
         state.duty = ck.get("duty", state.duty)
-        run.event("resume", f"resumed from {path} after epoch {state.epoch}")
+        run.event("resume", f"resumed from {path} after epoch {state.epoch}"
+                  + (f" and {state.step} step(s) of the next" if state.step else ""))
         return state
 
     def record(self, net, epoch, loss, acc, val_acc, val_loss, run: _Run, bar) -> None:
@@ -514,8 +590,12 @@ class _Run:
     model selection, the one test on the physics, the report."""
 
     def __init__(self, system: PhysicalSystem, ds: Dataset, settings: TrainSettings, *,
-                 session: str | Path | None, full: Dataset | None = None, chosen=None):
+                 session: str | Path | None, full: Dataset | None = None, chosen=None, parallel: Solo | None = None):
         self.system, self.ds, self.settings, self.session = system, ds, settings, session
+        self.parallel = parallel or Solo()
+        #: which rig this is (a data-parallel run's report lists them): the server's address, else its name
+        self.rig = str(getattr(system, "address", None) or system.describe().get("name", "rig"))
+        self.digests: list[str] = []  #: data-parallel: the parameters' hash after every step
         self.full = full if full is not None else ds  #: the dataset before any feature reduction
         self.chosen = chosen
         self.placement: dict[str, Any] | None = None
@@ -561,8 +641,8 @@ class _Run:
     def twin(self, twin, net: PhysicalNetwork, *, resume, calibration, progress: bool):
         """The twin to train with (given, saved next to the checkpoint being resumed, or calibrated
         and fitted now), in eval mode, frozen as a snapshot; and the calibration it was fitted on."""
-        if twin is None and resume is not None and twin_path(resume).exists():
-            twin = twin_path(resume)
+        if twin is None and resume is not None:  # this rig's own twin (a data-parallel run's), else the run's
+            twin = next((t for t in (twin_path(resume, self.rig), twin_path(resume)) if t.exists()), None)
         if isinstance(twin, (str, Path)):
             from labpnn.twin.model import load_twin
 
@@ -594,47 +674,122 @@ class _Run:
         online fitter's newest twin when ``online_twin``) or the twin alone (in-silico)."""
         settings = self.settings
         live_twin: nn.Module = twin
+        self.drift, on_train = None, self.counter.on_train
         if settings.online_twin and settings.method == "pat":
+            from labpnn.training.drift import DriftProbe
             from labpnn.twin.online import OnlineTwinFitter
 
-            self.fitter = OnlineTwinFitter(twin, writer=self.writer, replay=calibration, seed=settings.seed)
+            fitter = self.fitter = OnlineTwinFitter(twin, writer=self.writer, replay=calibration, seed=settings.seed)
             live_twin = LiveTwin(self.fitter)
             self.fitter.start()
             self.event("online_twin", "online twin refinement on")
+            if settings.drift_probe_rows > 0:  # the physics' drift is told by repeated rows, not by the twin's error
+                every = settings.drift_probe_every
+                probe = self.drift = DriftProbe(
+                    self.counter, rows=settings.drift_probe_rows, every=every, threshold=settings.drift_threshold,
+                    writer=self.writer, seed=settings.seed,
+                    on_alarm=lambda alarm: fitter.drift(alarm, lookback_batches=every))
+                self.counter.on_train = lambda m: (on_train is not None and on_train(m), probe.observe(m))
+                self.event("drift_probes", f"drift probes: {settings.drift_probe_rows} rows of the first training "
+                           f"batch, re-measured after every {every} training batches (threshold "
+                           f"{settings.drift_threshold:g} x the repeat noise)")
         pool = (ThreadPoolExecutor(max_workers=max(1, settings.in_flight), thread_name_prefix="pat-chunk")
                 if settings.method == "pat" and settings.chunk_rows > 0 else None)
         try:
             yield (PATForward(self.counter, live_twin) if settings.method == "pat" else TwinForward(twin)), pool
         finally:
+            self.counter.on_train = on_train
             if pool is not None:
                 pool.shutdown()
+            if self.drift is not None:
+                summary = self.drift.summary()
+                self.event("drift_probes", f"drift probes: {summary['probes']} probe(s), {summary['passes']} passes, "
+                           f"{summary['alarms']} alarm(s), statistic median {summary['statistic_median'] or 0:.2f} "
+                           f"max {summary['statistic_max'] or 0:.2f}", **summary)
             if self.fitter is not None:
                 self.fitter.stop()
                 self.base_twin = self.fitter.twin
 
+    def validate(self, net: PhysicalNetwork) -> tuple[float, float]:
+        """Validation accuracy and loss on the physics; data-parallel, every rank measures the whole
+        validation split on its own rig and all of them keep the worst rig's figures (so every
+        rank selects the same model, and the model selected is judged on its worst rig)."""
+        failed = None
+        acc = loss = math.nan
+        try:
+            with self.counter.counting("validation"):
+                acc, loss, _ = evaluate(net, self.ds.X_val, self.ds.y_val, self.physics, batch=self.settings.eval_batch)
+        except Exception as exc:  # noqa: BLE001 — as in a training step: stop every rank cleanly
+            log.exception("rank %d: the rig failed during validation", self.parallel.rank)
+            failed = exc
+        worst_acc, worst_loss, ranks = self.parallel.reduce_validation(acc, loss, failed is not None)
+        if ranks:
+            raise RunStopped(_failure_message(ranks, self.parallel, failed, "validation"), failed=ranks) from failed
+        if self.parallel.distributed:
+            self.event("validation", f"rig {self.rig}: validation accuracy {acc:.4f} (worst rig {worst_acc:.4f})",
+                       rig=self.rig, accuracy=acc, worst=worst_acc)
+        return worst_acc, worst_loss
+
+    def checkpoint(self, path: str | Path, net: PhysicalNetwork, opt, state: _State, twin, *,
+                   stopped_by: list[int] | None = None) -> None:
+        """Rank 0 writes the shared checkpoint (every rank's network and optimiser are the same);
+        every rank writes its own rig's twin next to it. After a stop caused by a vanished rank,
+        rank 0 may be the one gone: then every survivor writes it (the same content)."""
+        parallel = self.parallel
+        rig = self.rig if parallel.distributed else None
+        shared = parallel.rank == 0 or -1 in (stopped_by or [])
+        gen = state.gen
+        if state.step:  # stopped mid-epoch: resume redraws this epoch's permutation and skips the steps done
+            gen = torch.Generator()
+            gen.set_state(state.epoch_gen)
+        save_checkpoint(path, net, opt, state.epoch, state.history, state.best, state.passes_to_target, gen,
+                        self.counter, state.duty, self.settings, self.ds, self.fitter or twin, step=state.step,
+                        rig=rig, shared=shared)
+
     def handle_alarms(self, net: PhysicalNetwork) -> None:
-        _handle_alarms(self.fitter, self.counter, net, self.X, self.settings.recalibration_rows, self.event,
-                       self.settings.seed)
+        _handle_alarms(getattr(self, "drift", None), self.fitter, self.counter, net, self.X,
+                       self.settings.recalibration_rows, self.event, self.settings.seed)
 
     def finish(self, net: PhysicalNetwork, state: _State, *, report_dir: str | Path | None) -> TrainResult:
         """Select the best-validation model, evaluate it once on the physics (and on the twin, for
-        the sim-to-real gap), write the report."""
+        the sim-to-real gap), write the report. Data-parallel, every rank tests on its own rig and
+        rank 0 writes one report of them all, judged on the worst rig."""
         from labpnn.training.report import write_report
 
-        settings, ds, counter = self.settings, self.ds, self.counter
+        settings, ds, counter, parallel = self.settings, self.ds, self.counter, self.parallel
         net.load_state_dict(state.best["state"])
         capture = FirstMeasurement(counter)
-        with counter.counting("test"):
-            test_acc, _, pred = evaluate(net, ds.X_test, ds.y_test, PhysicsForward(capture), batch=settings.eval_batch)
+        try:
+            with counter.counting("test"):
+                test_acc, _, pred = evaluate(net, ds.X_test, ds.y_test, PhysicsForward(capture),
+                                             batch=settings.eval_batch)
+            error = None
+        except Exception as exc:
+            if not parallel.distributed:
+                raise
+            log.exception("rank %d: the rig failed during the test", parallel.rank)  # the others' tests still count
+            test_acc, pred, error = math.nan, np.full(len(ds.y_test), -1), f"{type(exc).__name__}: {exc}"
         twin_acc, _, _ = evaluate(net, ds.X_test, ds.y_test, TwinForward(self.base_twin), batch=settings.eval_batch)
-        cm = confusion_matrix(ds.y_test, pred, ds.n_classes)
+        cm = confusion_matrix(ds.y_test, np.where(pred < 0, 0, pred), ds.n_classes)
+        rigs = None
+        if parallel.distributed:
+            rigs = parallel.gather({"rank": parallel.rank, "rig": self.rig, "test_accuracy": test_acc,
+                                    "twin_test_accuracy": twin_acc, "passes": dict(counter.passes),
+                                    "recall": [float(v) for v in cm.diagonal() / np.maximum(cm.sum(1), 1)],
+                                    "session": str(self.session) if self.session is not None else None,
+                                    "twin_fit": (self.twin_fit or {}).get("operating_noise_ratio"),
+                                    "error": error, "digests": self.digests})
+            measured = [r["test_accuracy"] for r in rigs if r["error"] is None]
+            test_acc = min(measured) if measured else math.nan  # judged on the worst rig
         baseline = logistic_baseline(self.full)  # on the dataset's own features, before any reduction
         if ds.reduction:
             baseline["test_on_reduced_features"] = logistic_baseline(ds)["test"]
         duty = state.duty
         result = TrainResult(
             network=net, test_accuracy=test_acc, val_accuracy=float(state.best["acc"]),
-            best_epoch=int(state.best["epoch"]), passes=dict(counter.passes), passes_to_target=state.passes_to_target,
+            best_epoch=int(state.best["epoch"]), passes_to_target=state.passes_to_target,
+            passes=dict(counter.passes) if rigs is None else {k: sum(r["passes"].get(k, 0) for r in rigs)
+                                                              for k in counter.passes},
             history=state.history, settings=jsonable(asdict(settings)), dataset=ds.summary(),
             confusion=cm.tolist(), twin_test_accuracy=twin_acc,
             digital_baseline=baseline, defaults=self.chosen.to_dict() if self.chosen is not None else None,
@@ -644,24 +799,29 @@ class _Run:
                         if settings.method == "pat" else None),
             report_dir=str(report_dir) if report_dir is not None else None,
             session=str(self.session) if self.session is not None else None,
-            seconds=time.perf_counter() - self.started, twin_fit=self.twin_fit, events=self.events)
-        self.event("test", f"test accuracy on the physics {test_acc:.4f} ({settings.method}, {settings.layers} layer(s))",
+            seconds=time.perf_counter() - self.started, twin_fit=self.twin_fit, events=self.events, rigs=rigs)
+        self.event("test", f"test accuracy on the physics {test_acc:.4f} ({settings.method}, {settings.layers} layer(s)"
+                   + (f", worst of {len(rigs)} rigs" if rigs else "") + ")",
                    accuracy=test_acc, passes=dict(counter.passes))
-        if report_dir is not None:
+        if report_dir is not None and parallel.rank == 0:
             write_report(result, report_dir, traces=capture.first, twin=self.base_twin, class_names=ds.class_names,
                          provenance_seeds={"train": settings.seed, "split": ds.seed},
                          axis=counter.describe().get("axis"))
         return result
 
 
-def _step_gradients(net, params, X, y, idx, through, chunk_rows, pool):
-    """One minibatch: (sum of losses, number correct, gradient of the mean loss per parameter).
-    With ``pool`` the minibatch runs as chunks in parallel; gradients are summed in chunk order."""
-    n = len(idx)
-    if pool is None or chunk_rows <= 0 or chunk_rows >= n:
+def _step_gradients(net, params, X, y, idx, through, chunk_rows, pool, *, n_total: int | None = None):
+    """One minibatch: (sum of losses, number correct, gradient of the loss summed over ``idx`` /
+    ``n_total``: the mean loss's when ``idx`` is the whole minibatch, this rank's part of it when
+    data-parallel). With ``pool`` the minibatch runs as chunks in parallel; gradients are summed in
+    chunk order."""
+    n = n_total or len(idx)
+    if len(idx) == 0:  # a data-parallel rank with no row of a short last minibatch
+        return 0.0, 0.0, [torch.zeros_like(p) for p in params]
+    if pool is None or chunk_rows <= 0 or chunk_rows >= len(idx):
         return _chunk(net, params, X, y, idx, through, n)
     futures = [pool.submit(_chunk, net, params, X, y, idx[i:i + chunk_rows], through, n)
-               for i in range(0, n, chunk_rows)]
+               for i in range(0, len(idx), chunk_rows)]
     results = [f.result() for f in futures]
     grads = [sum(r[2][k] for r in results) for k in range(len(params))]
     return sum(r[0] for r in results), sum(r[1] for r in results), grads
@@ -688,11 +848,12 @@ def _operating_controls(net: PhysicalNetwork, X: torch.Tensor, *, seed: int = 0)
     return np.concatenate(rows).astype(np.float32)
 
 
-def _handle_alarms(fitter, counter: PassCounter, net, X, rows: int, event, seed: int) -> None:
-    """React to the online fitter's drift alarms: log them and measure a small recalibration batch
-    around the current operating point (tag ``calibration``), fed to the fitter. The fitter also
-    raises its own learning rate for a while after an alarm."""
-    alarms = getattr(fitter, "alarms", None) if fitter is not None else None
+def _handle_alarms(drift, fitter, counter: PassCounter, net, X, rows: int, event, seed: int) -> None:
+    """React to the drift probes' alarms (``drift.alarms``: the physics changed; the online fitter
+    was told at once and adapts): log them and measure a small recalibration batch around the
+    current operating point (tag ``calibration``), fed to the fitter. The twin's own error never
+    raises an alarm (it rises just as much where training extrapolates)."""
+    alarms = getattr(drift, "alarms", None) if drift is not None else None
     if alarms is None:
         return
     pending = []
@@ -711,4 +872,5 @@ def _handle_alarms(fitter, counter: PassCounter, net, X, rows: int, event, seed:
     batch = np.clip(batch + 0.05 * rng.standard_normal(batch.shape), 0, 1).astype(np.float32)
     with counter.counting("calibration"):
         m = counter.measure(batch)
-    fitter.feed(m.applied, m.traces)
+    if fitter is not None:
+        fitter.feed(m.applied, m.traces)

@@ -1,7 +1,8 @@
 """The digital twin: a torch model of ``controls -> traces`` fitted from measurements.
 
 Owns the model and its checkpoints (`model`), fitting and its metrics (`fit`, `metrics`), online
-refinement with the drift alarm (`online`), calibration sweeps (`calibrate`, numpy only), a twin
+refinement (`online`: the twin's quality, and its adaptation when the physics drifts; drift
+itself is told by `labpnn.training.drift`'s probes), calibration sweeps (`calibrate`, numpy only), a twin
 served as a (labelled) rig (`served`) and the ``calibrate`` / ``twin`` commands (`cli`).
 
 May import: ``labpnn.contract``, ``labpnn.sessions``, ``labpnn.config`` and ``labpnn.remote`` (the

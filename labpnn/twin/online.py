@@ -1,25 +1,31 @@
-"""Online twin refinement and drift detection: `OnlineTwinFitter`.
+"""Online twin refinement: `OnlineTwinFitter` (and `DriftAlarm`, what a drift detector hands it).
 
 A background thread in the trainer keeps refining the twin from the batches the trainer measures
 anyway — fed directly (``feed``) or read from a growing session file (``follow``) — and publishes
 each refined twin as an immutable snapshot (``.twin``: swapped atomically, PAT's backward calls
 it; never modified after publication).
 
-Every new batch is **scored before it is trained on**: its MSE under the current twin, in
-measurement units, divided by the noise floor is the batch's noise ratio (1.0 = as good as a twin
-can be). The noise floor is ``noise_var`` if given (a constant sigma^2), else the twin's fitted
-noise model (``twin.meta["noise_model"]``: ``var ~ a + b max(y, 0)`` from the calibration
-repeats, so a batch brighter or dimmer than the calibration mix — shot noise grows with the
-signal — is judged against its own noise level), else ``twin.meta["noise_var"]``. The mean over the last ``window`` batches (row-weighted) is tracked; when it rises
-above ``threshold`` a `DriftAlarm` is raised once: put on the ``alarms`` queue, passed to
-``on_alarm`` (called from the fitter thread — keep it short), logged, and written to the session
-event log as ``drift_alarm`` when a ``writer`` is given. When the windowed ratio is back at or below
-``recover_threshold`` a ``drift_recovered`` event follows and the next drift can raise again.
+**Twin quality.** Every new batch is **scored before it is trained on**: its MSE under the
+current twin, in measurement units, divided by the noise floor is the batch's noise ratio (1.0 =
+as good as a twin can be). The noise floor is ``noise_var`` if given (a constant sigma^2), else the
+twin's fitted noise model (``twin.meta["noise_model"]``: ``var ~ a + b max(y, 0)`` from the
+calibration repeats, so a batch brighter or dimmer than the calibration mix — shot noise grows with
+the signal — is judged against its own noise level), else ``twin.meta["noise_var"]``. The mean over
+the last ``window`` batches (row-weighted) is tracked (``noise_ratio``, ``history``). When it rises
+above ``threshold`` a ``twin_quality`` event (state ``poor``) is written to the session (when a
+``writer`` is given) and logged, once; when it is back at or below ``recover_threshold``, another
+(state ``ok``). This is a statement about the *twin*, not the physics: it rises just as much where
+training carries the operating point beyond the data the twin was fitted on (extrapolation) as
+after a drift, so it never raises a drift alarm. Drift is told by repeated measurements
+(`labpnn.training.drift.DriftProbe`), which calls ``drift``.
 
-**Adaptation.** After an alarm the fitter assumes the data before the window that triggered it is
-stale: those rows are replayed with weight ``stale_weight`` (they still anchor regions the
-trainer no longer visits), and for ``adapt_batches`` batches (or until recovery) the learning rate
-is multiplied by ``adapt_lr_factor`` and the steps per batch by ``adapt_steps_factor``.
+**Adaptation.** ``drift(alarm, lookback_batches=k)`` says the physics changed (applied once every
+batch fed before it has been processed, so it lands in order; it never blocks the caller): the
+rows fed before the newest ``k`` batches are stale — replayed with weight ``stale_weight`` (they
+still anchor regions the trainer no longer visits) — and for ``adapt_batches`` batches (or until
+the windowed ratio over batches fed after the notice is back at or below ``recover_threshold``)
+the learning rate is multiplied by ``adapt_lr_factor`` and the steps per batch by
+``adapt_steps_factor``.
 
 **Bounded compute.** At most ``steps_per_batch`` optimisation steps per new batch (minibatches
 mixing ``recent_fraction`` rows from the newest ``recent_rows`` with rows from the whole replay
@@ -37,7 +43,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,10 +62,11 @@ FOLLOW_TAGS = ("calibration", "noise", "train", "eval", "validation", "other")
 
 @dataclass(frozen=True)
 class DriftAlarm:
-    """The twin no longer predicts fresh measurements to within the noise."""
+    """The physics changed: repeated measurements of the same controls no longer agree to within
+    the noise (raised by `labpnn.training.drift.DriftProbe`)."""
 
-    batch: int  #: index of the batch (0-based, in the order the fitter received them) that raised it
-    noise_ratio: float  #: windowed held-out MSE / sigma^2 when it was raised
+    batch: int  #: training batches observed when the probe that raised it was measured
+    noise_ratio: float  #: the drift statistic D: weighted mean of squared change / its noise variance (~1: no drift)
     threshold: float
     message: str
     batch_id: Any = None  #: the session's batch id, if known
@@ -80,7 +87,7 @@ class BatchScore:
     window_ratio: float | None
     steps: int = 0  #: optimisation steps done after it
     version: int = 0  #: twin version it was scored with
-    alarm: bool = False
+    poor: bool = False  #: the windowed ratio crossed above ``threshold`` here (a twin_quality event)
     batch_id: Any = None
 
 
@@ -126,7 +133,7 @@ class OnlineTwinFitter:
         fitter = OnlineTwinFitter(twin, writer=writer, replay=(calib_x, calib_y)).start()
         ...  # each measured batch: fitter.feed(controls, traces)  (or fitter.follow(session))
         twin = fitter.twin                      # the newest snapshot, for PAT's backward
-        while not fitter.alarms.empty(): handle(fitter.alarms.get_nowait())
+        fitter.drift(alarm, lookback_batches=4) # when a DriftProbe says the physics changed
         fitter.stop()
     """
 
@@ -155,7 +162,6 @@ class OnlineTwinFitter:
         stale_weight: float = 0.01,
         publish_every: int = 1,
         writer: Any = None,
-        on_alarm: Callable[[DriftAlarm], None] | None = None,
         queue_batches: int = 256,
         seed: int = 0,
     ):
@@ -184,17 +190,21 @@ class OnlineTwinFitter:
         self.adapt_batches, self.adapt_lr_factor = int(adapt_batches), float(adapt_lr_factor)
         self.adapt_steps_factor, self.stale_weight = float(adapt_steps_factor), float(stale_weight)
         self.publish_every = max(1, int(publish_every))
-        self.writer, self.on_alarm = writer, on_alarm
-        self.alarms: queue.Queue[DriftAlarm] = queue.Queue()
+        self.writer = writer
+        self.drifts: list[DriftAlarm | None] = []  #: drift notices received (``drift``), in order
         self.history: list[BatchScore] = []
         self._inbox: queue.Queue = queue.Queue(maxsize=queue_batches)
         self._buffer = _Buffer(buffer_rows, twin.n_controls, twin.n_outputs)
         self._regime_start = 0  #: global row index where the current (post-drift) regime begins
         self._window: deque[tuple[int, float, int]] = deque(maxlen=self.window)  # (rows, ratio, first row)
-        self._in_alarm = False
+        self._starts: deque[int] = deque(maxlen=1024)  # first row of each recent batch, in order
+        self._poor = False  # the windowed ratio is above threshold (until back at recover_threshold)
+        self._adapting = False
         self._adapt_left = 0
         self._n_batches = 0
         self._pending = 0
+        self._fed = 0  #: batches queued so far (a drift notice waits until that many are processed)
+        self._notices: deque[tuple[int, int, DriftAlarm | None]] = deque()
         self._idle = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -224,8 +234,14 @@ class OnlineTwinFitter:
         return self._window_ratio()
 
     @property
-    def in_alarm(self) -> bool:
-        return self._in_alarm
+    def adapting(self) -> bool:
+        """Adapting to a drift notice (raised learning rate and steps, old rows stale)."""
+        return self._adapting
+
+    @property
+    def twin_poor(self) -> bool:
+        """The windowed noise ratio went above ``threshold`` and is not yet back at ``recover_threshold``."""
+        return self._poor
 
     def start(self) -> OnlineTwinFitter:
         if self._thread is None:
@@ -265,6 +281,20 @@ class OnlineTwinFitter:
             with self._idle:
                 self._pending -= 1
             log.warning("twin fitter queue full: dropped a batch of %d rows", len(x))
+            return
+        with self._idle:
+            self._fed += 1
+
+    def drift(self, alarm: DriftAlarm | None = None, *, lookback_batches: int = 1) -> None:
+        """The physics changed (a `DriftAlarm`): adapt (see the module docstring). Applied once
+        every batch already fed has been processed (never blocks the caller, whatever the queue
+        holds); the newest ``lookback_batches`` of those (the batches measured since the last
+        clean probe) start the new regime."""
+        if self._thread is None and not self._stop.is_set():
+            self.start()
+        with self._idle:
+            self._pending += 1
+            self._notices.append((self._fed, max(0, int(lookback_batches)), alarm))
 
     def feed_measurement(self, measurement: Any, *, batch_id: Any = None) -> None:
         """`feed` the completed rows of a `labpnn.contract.Measurement`."""
@@ -322,7 +352,7 @@ class OnlineTwinFitter:
     def stats(self) -> dict[str, Any]:
         return {"batches": self._n_batches, "rows": self._buffer.total, "steps": self.steps,
                 "version": self.version, "busy_s": self.busy_s, "noise_ratio": self.noise_ratio,
-                "in_alarm": self._in_alarm, "noise_var": self.noise_var, "noise_model": self.noise_model}
+                "adapting": self._adapting, "twin_poor": self._poor, "drifts": len(self.drifts), "noise_var": self.noise_var, "noise_model": self.noise_model}
 
     # -- internals -------------------------------------------------------------------------
     def _feed_rows(self, reader: Any, lo: int, hi: int, tags: set[str] | None) -> None:
@@ -351,6 +381,14 @@ class OnlineTwinFitter:
             torch.set_num_threads(int(self.num_threads))
         try:
             while not self._stop.is_set():
+                while self._notices and self._notices[0][0] <= self._n_batches:
+                    _, lookback, alarm = self._notices.popleft()
+                    try:
+                        self._adapt(lookback, alarm)
+                    finally:
+                        with self._idle:
+                            self._pending -= 1
+                            self._idle.notify_all()
                 try:
                     x, y, batch_id = self._inbox.get(timeout=0.1)
                 except queue.Empty:
@@ -383,6 +421,7 @@ class OnlineTwinFitter:
         floor = self._floor(y)
         ratio = mse / floor if floor else None
         first_row = self._buffer.total
+        self._starts.append(first_row)
         score = BatchScore(index, len(x), mse, ratio, None, version=self.version, batch_id=batch_id)
         if ratio is not None:
             self._window.append((len(x), ratio, first_row))
@@ -390,50 +429,46 @@ class OnlineTwinFitter:
         self._buffer.add(x, y)
         w = score.window_ratio
         if w is not None and len(self._window) == self.window:
-            if not self._in_alarm and w > self.threshold:
-                self._raise_alarm(index, w, batch_id)
-                score.alarm = True
-            elif self._in_alarm and w <= self.recover_threshold:
-                self._in_alarm = False
-                self._adapt_left = 0
-                msg = f"twin recovered: noise ratio {w:.2f} <= {self.recover_threshold:g} at batch {index}"
-                log.info(msg)
-                if self.writer is not None:
-                    try:
-                        self.writer.event("drift_recovered", msg, batch=index, noise_ratio=w)
-                    except Exception:
-                        log.exception("could not log the recovery to the session")
+            if not self._poor and w > self.threshold:
+                self._poor = score.poor = True
+                self._event("poor", f"twin error {w:.2f}x the noise floor over the last {self.window} batches "
+                            f"(> {self.threshold:g}; batch {index}): the operating point has left the twin's data, "
+                            "or the physics changed (the drift probes tell which)", index, w)
+            elif w <= self.recover_threshold:
+                if self._poor:
+                    self._poor = False
+                    self._event("ok", f"twin error back to {w:.2f}x the noise floor (<= {self.recover_threshold:g}; "
+                                f"batch {index})", index, w)
+                if self._adapting:
+                    self._adapting, self._adapt_left = False, 0
+                    log.info("twin caught up after the drift: noise ratio %.2f at batch %d", w, index)
         score.steps = self._train(self._n_steps())
         if self._adapt_left:
             self._adapt_left -= 1
+            if not self._adapt_left:
+                self._adapting = False
         self.history.append(score)
         if self._n_batches % self.publish_every == 0:
             self._publish()
 
-    def _raise_alarm(self, index: int, ratio: float, batch_id: Any) -> None:
-        self._in_alarm = True
-        self._adapt_left = self.adapt_batches
-        # the new regime starts at the first batch of the window that was itself above threshold
-        self._regime_start = next((first for _, q, first in self._window if q > self.threshold),
-                                  self._window[-1][2])
-        alarm = DriftAlarm(
-            batch=index, noise_ratio=float(ratio), threshold=self.threshold, batch_id=batch_id, time=time.time(),
-            message=(f"twin drift: noise ratio {ratio:.2f} over the last {self.window} batches exceeds "
-                     f"{self.threshold:g} (batch {index}); adapting to recent data"),
-        )
-        log.warning(alarm.message)
-        self.alarms.put(alarm)
+    def _event(self, state: str, message: str, index: int, ratio: float) -> None:
+        (log.warning if state == "poor" else log.info)(message)
         if self.writer is not None:
             try:
-                self.writer.event("drift_alarm", alarm.message, batch=index, noise_ratio=float(ratio),
-                                  threshold=self.threshold, batch_id=batch_id)
+                self.writer.event("twin_quality", message, state=state, batch=index, noise_ratio=float(ratio))
             except Exception:
-                log.exception("could not log the drift alarm to the session")
-        if self.on_alarm is not None:
-            try:
-                self.on_alarm(alarm)
-            except Exception:
-                log.exception("on_alarm callback failed")
+                log.exception("could not log the twin quality to the session")
+
+    def _adapt(self, lookback: int, alarm: DriftAlarm | None) -> None:
+        """A drift notice, in order with the batches: rows before the newest ``lookback`` batches
+        are stale; raise the learning rate and the steps for a while; judge recovery afresh."""
+        self.drifts.append(alarm)
+        starts = self._starts
+        self._regime_start = starts[-min(lookback, len(starts))] if lookback and starts else self._buffer.total
+        self._adapting, self._adapt_left = True, self.adapt_batches
+        self._window.clear()  # recovery is judged on batches fed after the notice
+        log.info("twin fitter adapting to a drift: %d rows stale, lr x %g for up to %d batches",
+                 self._regime_start - self._buffer.oldest, self.adapt_lr_factor, self.adapt_batches)
 
     def _n_steps(self) -> int:
         n = self.steps_per_batch
