@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 from typing import Any
-
-import zmq
 
 from labpnn.config import ConfigError, ServerSection
 from labpnn.remote.server import DeviceServer, InsecureBind
@@ -66,7 +63,7 @@ def cli_serve(parser: argparse.ArgumentParser):
             except (InsecureBind, FileNotFoundError, ValueError) as exc:
                 print(f"labpnn serve: {exc}", file=sys.stderr)
                 return 2
-            serve_cli(server)
+            server.serve_announced()
         finally:
             close = getattr(system, "close", None)
             if close is not None:
@@ -120,21 +117,3 @@ def _twin_system(args: argparse.Namespace) -> tuple[Any, ServerSection, str] | i
           f"{'n/a' if ratio is None else format(ratio, '.2f')}; noise "
           f"{'a + b*max(y,0) as measured' if noise['served'] else 'off'})", flush=True)
     return system, ServerSection(), desc["name"]
-
-
-def serve_cli(server: DeviceServer) -> None:
-    """Serve in this thread until SIGINT/SIGTERM, announcing the addresses once bound."""
-
-    def announce():
-        server._ready.wait()
-        if server._start_error is None:
-            print(f"labpnn serve: {server.name} listening on {server.address}"
-                  + (f", live stream on {server.publish_address}" if server.publish_address else "")
-                  + (" (CURVE)" if server._curve else ""), flush=True)
-            sys.stdout.flush()
-
-    threading.Thread(target=announce, daemon=True).start()
-    try:
-        server.serve_forever()
-    except zmq.ZMQError as exc:
-        raise SystemExit(f"labpnn serve: cannot bind: {exc}") from None

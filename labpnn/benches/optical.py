@@ -60,8 +60,73 @@ def simulated_rig(*, settle_s: float = 0.0, sweep_s: float = 0.0, seed: int = 0,
         emulators.stop()
 
 
-def sim_main(argv: list[str]) -> int:
-    """``labpnn sim optical``: the two emulators on 127.0.0.1 until SIGINT/SIGTERM."""
-    from labpnn.sim_instruments.optical_bench import main
+class ServedCopy:
+    """``labpnn sim optical --serve`` in a process of its own: one copy of the simulated bench behind
+    a device server on a free loopback port (``address``), as a lab's second or third bench would
+    be. For data-parallel tests and benchmarks; ``kill()`` pulls its plug (SIGKILL)."""
 
-    return int(main(argv) or 0)
+    def __init__(self, copy_seed: int = 0, *, seed: int = 0, settle_ms: float = 0.0, sweep_ms: float = 0.0,
+                 start_timeout_s: float = 60.0):
+        import re
+        import subprocess
+        import sys
+        import time
+
+        self.copy_seed = copy_seed
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "labpnn", "sim", "optical", "--serve", "tcp://127.0.0.1:0", "--copy-seed",
+             str(copy_seed), "--seed", str(seed), "--settle-ms", str(settle_ms), "--sweep-ms", str(sweep_ms)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        deadline = time.monotonic() + start_timeout_s
+        for line in self.proc.stdout:
+            if m := re.search(r"listening on (tcp://[0-9.]+:[0-9]+)", line):
+                self.address = m.group(1)
+                return
+            if time.monotonic() > deadline:
+                break
+        self.kill()
+        raise RuntimeError(f"the simulated optical bench (copy {copy_seed}) did not start")
+
+    def kill(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def __enter__(self) -> ServedCopy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+def sim_main(argv: list[str]) -> int:
+    """``labpnn sim optical``: the two emulators on 127.0.0.1 until SIGINT/SIGTERM. With
+    ``--serve ADDRESS``: the whole simulated rig (emulators, drivers, rig) behind a device server
+    at ADDRESS (``tcp://127.0.0.1:0`` picks a free port; the address is printed) — one command per
+    copy of the bench for data-parallel training (``--copy-seed N``)."""
+    if "--serve" not in argv:
+        from labpnn.sim_instruments.optical_bench import main
+
+        return int(main(argv) or 0)
+    import argparse
+
+    from labpnn.config import ServerSection
+    from labpnn.remote.server import DeviceServer
+
+    parser = argparse.ArgumentParser(prog="labpnn sim optical --serve")
+    parser.add_argument("--serve", required=True, metavar="ADDRESS", help="device server address")
+    parser.add_argument("--copy-seed", type=int, default=0, help="which copy of the bench (0: the nominal one)")
+    parser.add_argument("--seed", type=int, default=0, help="noise and drift seed")
+    parser.add_argument("--settle-ms", type=float, default=0.0, help="shaper settle time per mask")
+    parser.add_argument("--sweep-ms", type=float, default=0.0, help="OSA sweep time")
+    args = parser.parse_args(argv)
+    bind = args.serve.replace(":0", ":*") if args.serve.endswith(":0") else args.serve
+    with simulated_rig(settle_s=args.settle_ms / 1e3, sweep_s=args.sweep_ms / 1e3, seed=args.seed,
+                       copy_seed=args.copy_seed) as rig:
+        server = DeviceServer(rig, ServerSection(bind=bind, publish=""), name=f"optical-sim-copy{args.copy_seed}")
+        server.serve_announced()
+    return 0

@@ -228,6 +228,24 @@ class DeviceServer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    def serve_announced(self, prefix: str = "labpnn serve") -> None:
+        """`serve_forever`, printing ``PREFIX: NAME listening on ADDRESS`` once bound (what a
+        person, or a process that started this one, reads the address from); a bind failure is a
+        clear exit."""
+
+        def announce():
+            self._ready.wait()
+            if self._start_error is None:
+                print(f"{prefix}: {self.name} listening on {self.address}"
+                      + (f", live stream on {self.publish_address}" if self.publish_address else "")
+                      + (" (CURVE)" if self._curve else ""), flush=True)
+
+        threading.Thread(target=announce, daemon=True).start()
+        try:
+            self.serve_forever()
+        except zmq.ZMQError as exc:
+            raise SystemExit(f"{prefix}: cannot bind: {exc}") from None
+
     def _on_signal(self, signum, frame) -> None:
         log.info("signal %s: stopping (answering or aborting the batch in flight)", signum)
         self._stop_requested.set()
