@@ -33,6 +33,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--session", help="record every batch to this session file (HDF5)")
     parser.add_argument("--report", help="write report.json and PNGs to this directory")
     parser.add_argument("--online-twin", action="store_true", help="refine the twin online from training batches")
+    parser.add_argument("--drift-probe-rows", type=int,
+                        help="with --online-twin: rows re-measured to tell drift (default 4; 0: no drift alarms)")
+    parser.add_argument("--drift-probe-every", type=int, help="re-measure them after every K-th training batch (4)")
+    parser.add_argument("--drift-threshold", type=float,
+                        help="drift alarm above this change / repeat noise (default 3: 2.4x the largest "
+                        "no-drift value measured on the optical bench)")
     parser.add_argument("--checkpoint", help="checkpoint file, written after every epoch")
     parser.add_argument("--resume", help="resume from this checkpoint")
     parser.add_argument("--calibration-rows", type=int,
@@ -63,6 +69,9 @@ def training_options(args: argparse.Namespace) -> dict[str, Any]:
             "calibration_rows": args.calibration_rows, "calibration_budget": args.calibration_budget,
             "twin_target": args.twin_target, "twin_seconds": args.twin_seconds,
             "chunk_rows": args.chunk_rows, "in_flight": args.in_flight, "hidden": args.hidden}
+    for name in ("drift_probe_rows", "drift_probe_every", "drift_threshold"):  # not chosen by the defaults
+        if getattr(args, name) is not None:
+            opts[name] = getattr(args, name)
     if args.layout:
         opts["layout"] = args.layout
     if args.hidden_layout:
