@@ -19,18 +19,27 @@ Three layers, smallest first:
   ``/dev/ttyACM0`` or ``COM6``, or a URL such as ``socket://host:port``); one method per command.
   Stale input is discarded before every command (a late reply to a timed-out command must not be
   taken for the next one's). Silence past ``timeout_s`` raises `RISTimeoutError` naming the
-  command; ``retries`` resends it that many times first (every command is idempotent);
+  command; ``retries`` resends it that many times first (every command is idempotent). The pattern
+  write and the read-back also come in two steps (``start_*`` sends, ``finish_*`` reads the reply),
+  so a caller can do other work while the bytes are on the wire;
 - `MetasurfaceActuator`: the `labpnn.drivers.roles.Actuator` role. Controls in [0, 1], one per
   group of ``bits_per_control`` bits (PhyLL's microwave layer: 2 bits per input), each quantised to
   ``2**k`` levels and written as ``k`` bits MSB-first; ``atoms`` lists which controller bits carry
   them (the others hold ``default_pattern``). `apply` writes, reads back and compares, and returns
   the quantised row. The rig waits ``settle_s`` after `apply` before the VNA sweeps: the controller
-  answers ``#OK`` when the latches switch, not when the cavity has settled.
+  answers ``#OK`` when the latches switch, not when the cavity has settled. The same in three steps
+  for a rig that overlaps rows (`labpnn.drivers.roles.OverlappedActuator`): `begin_apply` sends the
+  pattern and returns the quantised row at once, `end_apply` waits for ``#OK`` (settle counts from
+  here) and sends ``?Pattern``, whose reply travels while the cavity settles and the VNA sweeps, and
+  `end_verify` compares it (`RISReadbackError`): the wire time of the read-back leaves the row's
+  critical path, the check stays.
 
 Imports nothing of labpnn except the roles.
 """
 from __future__ import annotations
 
+import os
+import select
 import threading
 import time
 from collections.abc import Sequence
@@ -58,6 +67,7 @@ __all__ = [
 DEFAULT_BAUD = 115200
 _POLL_S = 0.02  # pyserial read timeout inside our own deadline loop
 _BANNER_END = "#READY!"
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -84,10 +94,10 @@ def pattern_to_hex(bits: Sequence[int] | np.ndarray) -> str:
     arr = np.asarray(bits)
     if arr.ndim != 1 or arr.size == 0 or arr.size % 4:
         raise ValueError(f"a pattern is a 1-D array of a multiple of 4 bits, got shape {arr.shape}")
-    if not np.isin(arr, (0, 1)).all():
+    if not ((arr == 0) | (arr == 1)).all():
         raise ValueError("a pattern holds only 0 and 1")
-    nibbles = arr.astype(np.uint8).reshape(-1, 4) @ np.array([8, 4, 2, 1], np.uint8)
-    return "".join("0123456789ABCDEF"[n] for n in nibbles.tolist())
+    text = np.packbits(arr.astype(np.uint8)).tobytes().hex().upper()  # MSB first, zero-padded to bytes
+    return text[: arr.size // 4]
 
 
 def hex_to_pattern(text: str, n_bits: int | None = None) -> np.ndarray:
@@ -95,13 +105,12 @@ def hex_to_pattern(text: str, n_bits: int | None = None) -> np.ndarray:
     when ``n_bits`` is given, a length other than ``n_bits / 4`` digits."""
     if n_bits is not None and len(text) * 4 != n_bits:
         raise ValueError(f"expected {n_bits // 4} hex digits ({n_bits} bits), got {len(text)}: {text[:16]!r}")
-    try:
-        values = np.array([int(c, 16) for c in text], np.uint8)
-    except ValueError:
-        raise ValueError(f"not a hex string: {text[:80]!r}") from None
-    if values.size == 0:
+    if not text:
         raise ValueError("empty hex string")
-    return ((values[:, None] >> np.array([3, 2, 1, 0], np.uint8)) & 1).reshape(-1).astype(np.uint8)
+    if not _HEX_DIGITS.issuperset(text):  # bytes.fromhex alone would also take spaces
+        raise ValueError(f"not a hex string: {text[:80]!r}")
+    bits = np.unpackbits(np.frombuffer(bytes.fromhex(text + "0" * (len(text) % 2)), np.uint8))
+    return bits[: 4 * len(text)]
 
 
 def quantise_controls(controls: np.ndarray, bits_per_control: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -164,7 +173,9 @@ class RISController:
         self.retries = retries
         self._serial: serial.SerialBase | None = None
         self._rx = bytearray()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._open: tuple[str, str, float] | None = None  # (command, expected reply, sent at): awaiting its reply
+        self._fd: int | None = None  # the port's file descriptor when it is a POSIX serial port
 
     # -- lifecycle
     def open(self) -> RISController:
@@ -175,9 +186,12 @@ class RISController:
             except (serial.SerialException, ValueError, OSError) as exc:
                 raise RISError(f"cannot open the metasurface controller at {self.port}: {exc}",
                                port=self.port) from exc
+            self._fd = _posix_fd(self._serial)
         return self
 
     def close(self) -> None:
+        self._open = None
+        self._fd = None
         port, self._serial = self._serial, None
         if port is not None:
             port.close()
@@ -195,19 +209,42 @@ class RISController:
     # -- commands
     def set_pattern(self, bits: Sequence[int] | np.ndarray) -> None:
         """Write ``!0x<hex>`` and wait for ``#OK`` (the pattern is then latched)."""
+        with self._lock:
+            self.start_set_pattern(bits)
+            self.finish_set_pattern()
+
+    def pattern(self) -> np.ndarray:
+        """The latched pattern, uint8[n_bits], from ``?Pattern``."""
+        with self._lock:
+            self.start_pattern_query()
+            return self.finish_pattern_query()
+
+    # -- the same commands in two steps: send now, read the reply later. Between the two the caller
+    # -- is free (the bytes travel on the wire meanwhile). One command at a time, as the firmware
+    # -- takes them: sending another while one is open first waits for the open one's reply (up to
+    # -- its timeout) and drops it
+    def start_set_pattern(self, bits: Sequence[int] | np.ndarray) -> None:
+        """Send ``!0x<hex>`` without waiting; `finish_set_pattern` waits for its ``#OK``."""
         arr = np.asarray(bits)
         if arr.shape != (self.n_bits,):
             raise ValueError(f"a pattern has {self.n_bits} bits, got shape {arr.shape}")
-        command = "!0x" + pattern_to_hex(arr)
-        reply = self._transact(command, expect="#OK")
+        self._begin("!0x" + pattern_to_hex(arr), "#OK")
+
+    def finish_set_pattern(self) -> None:
+        """Wait for the ``#OK`` of the pattern sent by `start_set_pattern` (resending it on silence
+        ``retries`` times; the timeout runs from when it was sent)."""
+        command, reply = self._complete("!0x")
         if reply != "#OK":
             raise RISError(f"metasurface controller at {self.port} answered {reply!r} to {command!r} "
                            "(expected '#OK')", command=command, port=self.port)
 
-    def pattern(self) -> np.ndarray:
-        """The latched pattern, uint8[n_bits], from ``?Pattern``."""
-        command = "?Pattern"
-        reply = self._transact(command, expect="#0X")
+    def start_pattern_query(self) -> None:
+        """Send ``?Pattern`` without waiting; `finish_pattern_query` reads the reply."""
+        self._begin("?Pattern", "#0X")
+
+    def finish_pattern_query(self) -> np.ndarray:
+        """The reply to `start_pattern_query`: the latched pattern, uint8[n_bits]."""
+        command, reply = self._complete("?Pattern")
         if not reply.upper().startswith("#0X"):
             raise RISError(f"metasurface controller at {self.port} answered {reply!r} to {command!r} "
                            "(expected '#0X<hex>')", command=command, port=self.port)
@@ -236,6 +273,7 @@ class RISController:
         """``!Reset``: wait for the banner up to ``#READY!``; return its lines. The pattern is zeros."""
         command = "!Reset"
         with self._lock:
+            self._abandon()
             self._send(command)
             lines: list[str] = []
             deadline = time.monotonic() + self.reset_timeout_s
@@ -247,36 +285,71 @@ class RISController:
 
     # -- transport
     def _transact(self, command: str, expect: str | None = None) -> str:
-        """Send one command and return its one-line reply (CR/LF stripped), resending on silence.
-        With ``expect`` (a reply prefix), lines that cannot answer this command — a late reply to an
-        earlier one that timed out — are dropped until the deadline."""
+        """Send one command and return its one-line reply (CR/LF stripped), resending on silence."""
         with self._lock:
-            for attempt in range(self.retries + 1):
+            self._abandon()
+            self._send(command)
+            return self._await(command, expect, time.monotonic())
+
+    def _begin(self, command: str, expect: str) -> None:
+        """Send ``command`` and leave its exchange open for `_complete`."""
+        with self._lock:
+            self._abandon()
+            self._send(command, drain=False)
+            self._open = (command, expect, time.monotonic())
+
+    def _abandon(self) -> None:
+        """Before another command goes out: wait for the open exchange's reply and drop it (the
+        firmware would take a command sent into an unfinished one as garbage); silence is not an
+        error here (the line is drained, as after any timeout)."""
+        if self._open is None:
+            return
+        (command, expect, sent_at), self._open = self._open, None
+        try:
+            self._await(command, expect, sent_at, resend=False)
+        except RISError:
+            pass
+
+    def _complete(self, prefix: str) -> tuple[str, str]:
+        """(command, reply) of the open exchange, whose command must start with ``prefix``."""
+        with self._lock:
+            if self._open is None or not self._open[0].startswith(prefix):
+                raise RISError(f"metasurface controller at {self.port}: no {prefix!r} command awaits its reply",
+                               command=prefix, port=self.port)
+            (command, expect, sent_at), self._open = self._open, None
+            return command, self._await(command, expect, sent_at)
+
+    def _await(self, command: str, expect: str | None, sent_at: float, *, resend: bool = True) -> str:
+        """The reply to ``command`` (sent at ``sent_at``), resending it on silence ``retries`` times
+        (unless not ``resend``). With ``expect`` (a reply prefix), lines that cannot answer this
+        command -- a late reply to an earlier one that timed out -- are dropped until the deadline."""
+        for attempt in range(self.retries + 1 if resend else 1):
+            if attempt:
                 self._send(command)
-                try:
-                    deadline = time.monotonic() + self.timeout_s
-                    dropped: list[str] = []
-                    while True:
-                        try:
-                            line = self._read_line(deadline, command, waited_s=self.timeout_s,
-                                                   attempts=attempt + 1)
-                        except RISTimeoutError as exc:
-                            if not dropped:
-                                raise
-                            raise RISTimeoutError(
-                                f"metasurface controller at {self.port} answered only {dropped!r}, which does "
-                                f"not answer {command!r} (expected {expect}...), within {self.timeout_s:g} s",
-                                command=command, port=self.port) from exc
-                        if expect is None or line.upper().startswith(expect.upper()):
-                            return line
-                        dropped.append(line)  # a late reply to an earlier command, not ours
-                except RISTimeoutError:
-                    # a reply that comes after all would be read as the next command's: wait for the
-                    # line to go quiet and drop what arrived, so the next exchange starts in step
-                    self._drain(quiet_s=0.05, limit_s=self.timeout_s)
-                    if attempt == self.retries:
-                        raise
-            raise AssertionError("unreachable")
+                sent_at = time.monotonic()
+            try:
+                deadline = sent_at + self.timeout_s
+                dropped: list[str] = []
+                while True:
+                    try:
+                        line = self._read_line(deadline, command, waited_s=self.timeout_s, attempts=attempt + 1)
+                    except RISTimeoutError as exc:
+                        if not dropped:
+                            raise
+                        raise RISTimeoutError(
+                            f"metasurface controller at {self.port} answered only {dropped!r}, which does "
+                            f"not answer {command!r} (expected {expect}...), within {self.timeout_s:g} s",
+                            command=command, port=self.port) from exc
+                    if expect is None or line.upper().startswith(expect.upper()):
+                        return line
+                    dropped.append(line)  # a late reply to an earlier command, not ours
+            except RISTimeoutError:
+                # a reply that comes after all would be read as the next command's: wait for the
+                # line to go quiet and drop what arrived, so the next exchange starts in step
+                self._drain(quiet_s=0.05, limit_s=self.timeout_s)
+                if attempt == self.retries or not resend:
+                    raise
+        raise AssertionError("unreachable")
 
     def _drain(self, *, quiet_s: float, limit_s: float) -> None:
         """Read and drop input until the line has been quiet for ``quiet_s`` (at most ``limit_s``)."""
@@ -299,13 +372,17 @@ class RISController:
                            port=self.port)
         return self._serial
 
-    def _send(self, command: str) -> None:
+    def _send(self, command: str, *, drain: bool = True) -> None:
+        """Write one command line. ``drain=False`` (a two-step exchange) returns once the bytes are
+        handed to the OS, without waiting for them to be transmitted (``tcdrain``: on a UART, the
+        whole wire time the caller wants to use for other work)."""
         port = self._port()
         try:
             port.reset_input_buffer()  # a late reply to an earlier, timed-out command is not ours
             self._rx.clear()
             port.write(command.encode("ascii") + b"\n")
-            port.flush()
+            if drain:
+                port.flush()
         except (serial.SerialException, OSError) as exc:
             raise RISError(f"metasurface controller at {self.port}: writing {command!r} failed: {exc}",
                            command=command, port=self.port) from exc
@@ -313,6 +390,7 @@ class RISController:
     def _read_line(self, deadline: float, command: str, *, waited_s: float, attempts: int = 1,
                    partial: list[str] | None = None) -> str:
         port = self._port()
+        late = False
         while True:
             newline = self._rx.find(b"\n")
             if newline >= 0:
@@ -320,6 +398,15 @@ class RISController:
                 del self._rx[: newline + 1]
                 return raw.rstrip(b"\r").decode("ascii", errors="replace")
             if time.monotonic() >= deadline:
+                if not late:  # a reply that came in time but is read late (a two-step exchange) counts
+                    late = True
+                    try:
+                        waiting = port.in_waiting
+                    except (serial.SerialException, OSError):
+                        waiting = 0
+                    if waiting:
+                        self._rx += port.read(waiting)
+                        continue
                 got = f"; it sent only {bytes(self._rx)[:40]!r}" if self._rx else ""
                 lines = f" after {len(partial)} banner line(s)" if partial else ""
                 tries = f" ({attempts} attempts)" if attempts > 1 else ""
@@ -329,11 +416,28 @@ class RISController:
                     "not understand: check the port, the baud rate and the command)",
                     command=command, port=self.port)
             try:
-                chunk = port.read(max(1, port.in_waiting))
+                if self._fd is not None:  # a POSIX port: whatever has arrived, in one system call
+                    ready, _, _ = select.select([self._fd], [], [], min(_POLL_S, max(0.0, deadline - time.monotonic())))
+                    chunk = os.read(self._fd, 4096) if ready else b""
+                    if ready and not chunk:
+                        raise serial.SerialException("the device reports data but returns none (disconnected?)")
+                else:
+                    chunk = port.read(max(1, port.in_waiting))
             except (serial.SerialException, OSError) as exc:
                 raise RISError(f"metasurface controller at {self.port}: reading the reply to {command!r} "
                                f"failed: {exc}", command=command, port=self.port) from exc
             self._rx += chunk
+
+
+def _posix_fd(port: serial.SerialBase) -> int | None:
+    """The file descriptor of a POSIX serial port (a tty, a pty), read directly; None for anything
+    else (``socket://`` and other URL handlers, Windows), read through pyserial."""
+    if os.name != "posix" or not isinstance(port, serial.Serial) or type(port).__module__ != "serial.serialposix":
+        return None
+    try:
+        return int(port.fileno())
+    except (AttributeError, ValueError, OSError, serial.SerialException):
+        return None
 
 
 def _positive(name: str, value: Any) -> float:
@@ -356,7 +460,8 @@ class MetasurfaceActuator:
     :param default_pattern: the safe state and the value of every bit not in ``atoms``: a hex string,
         a 0/1 array of ``n_bits``, or None (all zeros).
     :param settle_s: how long the rig waits after `apply` before the VNA sweeps.
-    :param verify: read every pattern back and compare (doubles the wire time per row).
+    :param verify: read every pattern back and compare (doubles the wire time per row; a rig that
+        overlaps rows hides it in the settle and sweep time).
     """
 
     def __init__(self, port: str, *, name: str = "metasurface", n_bits: int = 256,
@@ -385,6 +490,9 @@ class MetasurfaceActuator:
         self._default = np.zeros(self.n_bits, np.uint8)
         self._identity = ""
         self.last_pattern: np.ndarray | None = None  #: the last pattern written (and verified)
+        self._writing: np.ndarray | None = None  # sent, its #OK not yet read
+        self._verifying: np.ndarray | None = None  # latched, its read-back not yet checked
+        self._prepared: tuple[bytes, np.ndarray, np.ndarray] | None = None  # (row, pattern, applied)
         self.configure(settle_s=settle_s, default_pattern=default_pattern, verify=verify)
 
     # -- Instrument role
@@ -438,6 +546,7 @@ class MetasurfaceActuator:
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries: must be a whole number >= 0, got {retries!r}")
         self.settle_s, self._default, self.verify = float(settle), default, bool(verify)
+        self._prepared = None  # encoded with the old default pattern
         self.controller.timeout_s, self.controller.retries = timeout, retries
 
     def _parse_pattern(self, value: Any) -> np.ndarray:
@@ -480,8 +589,9 @@ class MetasurfaceActuator:
 
     def apply(self, controls: np.ndarray) -> np.ndarray:
         """Write the pattern for one row, read it back (if ``verify``); return the quantised row."""
-        pattern, applied = self.pattern_for(controls)
-        self.write_pattern(pattern)
+        applied = self.begin_apply(controls)
+        self.end_apply()
+        self.end_verify()
         return applied
 
     def safe_state(self) -> None:
@@ -491,14 +601,64 @@ class MetasurfaceActuator:
     def write_pattern(self, pattern: np.ndarray) -> None:
         """Set a whole controller pattern and (if ``verify``) check the read-back: a mismatch raises
         `RISReadbackError` listing the differing bits."""
-        self.last_pattern = None
-        self.controller.set_pattern(pattern)
+        self._begin_write(pattern)
+        self.end_apply()
+        self.end_verify()
+
+    # -- the same in three steps (`OverlappedActuator`), so a rig can overlap them with the sensor
+    def prepare(self, controls: np.ndarray) -> None:
+        """Encode a row ahead of its `begin_apply` (a rig calls this while the previous row settles)."""
+        row = np.asarray(controls, np.float32).reshape(-1)
+        pattern, applied = self.pattern_for(row)
+        self._prepared = (row.tobytes(), pattern, applied)
+
+    def begin_apply(self, controls: np.ndarray) -> np.ndarray:
+        """Send the pattern for one row without waiting for ``#OK``; return the quantised row.
+
+        The bytes travel on the serial line while the caller does other work (e.g. reads the
+        previous row's trace); call `end_apply`, then `end_verify`, before the next `begin_apply`."""
+        row = np.asarray(controls, np.float32).reshape(-1)
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared[0] == row.tobytes():
+            _, pattern, applied = prepared
+        else:
+            pattern, applied = self.pattern_for(row)
+        self._begin_write(pattern)
+        return applied
+
+    def end_apply(self) -> float:
+        """Wait for the ``#OK`` of the pattern `begin_apply` sent (it is latched: the cavity sees it
+        ``settle_s`` later); return when it came (``time.perf_counter()``). With ``verify``, send
+        ``?Pattern`` at once; its reply comes back while the cavity settles and the sensor measures,
+        and `end_verify` checks it."""
+        pattern, self._writing = self._writing, None
+        if pattern is None:
+            raise RISError(f"{self.name}: end_apply without begin_apply", port=self.controller.port)
+        self.controller.finish_set_pattern()
+        confirmed = time.perf_counter()
         if self.verify:
-            got = self.controller.pattern()
-            wrong = np.flatnonzero(got != pattern)
-            if wrong.size:
-                raise RISReadbackError(
-                    f"{self.name}: the pattern read back differs from the one written in {wrong.size} bit(s) "
-                    f"(first: {wrong[:8].tolist()}); wrote {pattern_to_hex(pattern)}, read {pattern_to_hex(got)}",
-                    command="?Pattern", port=self.controller.port)
-        self.last_pattern = np.asarray(pattern, np.uint8).copy()
+            self.controller.start_pattern_query()
+            self._verifying = pattern
+        else:
+            self.last_pattern = pattern
+        return confirmed
+
+    def end_verify(self) -> None:
+        """Read the pattern back and compare it with the one written (``verify`` only; else nothing):
+        a mismatch raises `RISReadbackError` listing the differing bits."""
+        pattern, self._verifying = self._verifying, None
+        if pattern is None:
+            return
+        got = self.controller.finish_pattern_query()
+        wrong = np.flatnonzero(got != pattern)
+        if wrong.size:
+            raise RISReadbackError(
+                f"{self.name}: the pattern read back differs from the one written in {wrong.size} bit(s) "
+                f"(first: {wrong[:8].tolist()}); wrote {pattern_to_hex(pattern)}, read {pattern_to_hex(got)}",
+                command="?Pattern", port=self.controller.port)
+        self.last_pattern = pattern
+
+    def _begin_write(self, pattern: np.ndarray) -> None:
+        self.last_pattern = self._writing = self._verifying = None
+        self.controller.start_set_pattern(pattern)
+        self._writing = np.asarray(pattern, np.uint8).copy()

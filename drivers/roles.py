@@ -94,3 +94,40 @@ class BatchInstrument(Instrument, Protocol):
         (traces float32[B, S], flags uint32[B]). Return None to decline, so the rig goes row by
         row (e.g. when rows take long enough that an abort between them matters). On a failure
         after some rows, raise `BatchFailed` carrying the rows done, so they are kept."""
+
+
+@runtime_checkable
+class OverlappedActuator(Actuator, Protocol):
+    """Optional: `apply` in three steps, so that a rig can overlap a row's slow I/O with the sensor's
+    (the metasurface controller: the next pattern's bytes travel on the serial line while the
+    previous trace is read; the read-back travels while the cavity settles and the sensor sweeps).
+    ``apply(row)`` must equal ``begin_apply(row)``, ``end_apply()``, ``end_verify()``. The rig calls
+    ``begin_apply`` for a row only after the sensors' ``end_sweep`` of the previous row has returned.
+    An actuator may also offer ``prepare(row)``: the rig calls it with the next row during the
+    current row's settle time, so that ``begin_apply`` with that row only has to send it."""
+
+    def begin_apply(self, controls: np.ndarray) -> np.ndarray:
+        """Start applying one row (send it) without waiting; return the row actually applied."""
+
+    def end_apply(self) -> float | None:
+        """Wait until the instrument has taken the row; return when it confirmed it
+        (``time.perf_counter()``, from which ``settle_s`` counts), or None for "now"."""
+
+    def end_verify(self) -> None:
+        """Finish any check of the row begun by ``end_apply`` (a read-back); raise if it fails."""
+
+
+@runtime_checkable
+class OverlappedSensor(Sensor, Protocol):
+    """Optional: `acquire` in steps, so that a rig can check the actuators while a measurement runs
+    and read a trace while the next row is being applied. ``acquire()`` must equal
+    ``begin_sweep()``, ``end_sweep()``, ``fetch()``."""
+
+    def begin_sweep(self) -> None:
+        """Start a measurement and return at once."""
+
+    def end_sweep(self) -> None:
+        """Return when the measurement has ended (the actuators may then change)."""
+
+    def fetch(self) -> tuple[np.ndarray, int]:
+        """The last measurement's trace: (float32[n_outputs], flag bits); called before the next one."""

@@ -34,12 +34,17 @@ The thin PyVISA parts:
   `VNASensor` closes it.
 
 `VNASensor` is the `labpnn.drivers.roles.Sensor` role: a single sweep per `acquire`, S21 as
-|S21| (``output="mag"``), dB (``"db"``) or Re then Im (``"reim"``). Timeouts, socket errors and SCPI
-errors all become `VNAError` naming the command. Imports nothing of labpnn except the roles.
+|S21| (``output="mag"``), dB (``"db"``) or Re then Im (``"reim"``). `acquire` is `begin_sweep`
+(trigger), `end_sweep` (the ``*OPC?``: the sweep has ended) and `fetch` (the data), which a rig
+that overlaps rows calls apart (`labpnn.drivers.roles.OverlappedSensor`: the pattern's read-back is
+checked while the sweep runs, and the data of row i travels while row i+1's pattern does).
+Timeouts, socket errors and SCPI errors all become `VNAError` naming the command. Imports nothing
+of labpnn except the roles.
 """
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,6 +195,7 @@ class VNA(SCPIInstrument):
         self.commands = DIALECTS[dialect]
         self.timeout_s = float(timeout_s)
         self.swap_reversed = bool(swap_reversed)
+        self._sweep: tuple[float, float] | None = None  # (expected s, reply deadline) of a started sweep
 
     # -- declarative settings (both dialects; PNA and ZNB manuals, SENSe / SOURce / FORMat subsystems)
     start_frequency = Instrument.control(
@@ -282,13 +288,27 @@ class VNA(SCPIInstrument):
 
         Raises `VNAError` if the reply does not come; the late reply would then put the session out
         of step, so close it (`VNASensor` does)."""
+        self.start_sweep(expected_s)
+        self.finish_sweep()
+
+    def start_sweep(self, expected_s: float) -> None:
+        """Send the single sweep (``...;*OPC?``) without waiting; `finish_sweep` reads its reply.
+        Nothing else may be sent in between (the reply would be taken for its answer)."""
+        self.write(self.commands.single)
+        self._sweep = (expected_s, time.monotonic() + self.timeout_s + 1.5 * expected_s)
+
+    def finish_sweep(self) -> None:
+        """Wait for the ``*OPC?`` of the sweep `start_sweep` sent, until I/O timeout + 1.5 x the
+        expected sweep time after it was sent (`VNAError` if it does not come)."""
         command = self.commands.single
-        res = self._resource()
+        if self._sweep is None:
+            raise VNAError(command, "no sweep was started")
+        (expected_s, deadline), self._sweep = self._sweep, None
         limit_s = self.timeout_s + 1.5 * expected_s
+        res = self._resource()
         saved = res.timeout
-        res.timeout = int(math.ceil(limit_s * 1000))
+        res.timeout = max(1, int(math.ceil((deadline - time.monotonic()) * 1000)))
         try:
-            self.write(command)
             try:
                 reply = self.read().strip()
             except VNAError as exc:
@@ -534,12 +554,39 @@ class VNASensor:
 
         A sweep that does not end in time closes the session (its late reply would be read as the
         answer to the next query); `connect` again."""
+        self.sweep()
+        return self.fetch()
+
+    # -- the same in steps (`OverlappedSensor`), so a rig can read a trace while the next pattern goes
+    # -- out, and check the pattern's read-back while the sweep runs
+    def sweep(self) -> None:
+        """One single sweep, returning when it has ended (``...;*OPC?``): the instrument state may
+        change from then on without touching this sweep's data, which `fetch` reads."""
+        self.begin_sweep()
+        self.end_sweep()
+
+    def begin_sweep(self) -> None:
+        """Trigger a single sweep and return at once; `end_sweep` waits for its end."""
         inst = self._require()
         try:
-            inst.single_sweep(self._expected_sweep_s)
+            inst.start_sweep(self._expected_sweep_s)
         except VNAError:
             self.close()
             raise
+
+    def end_sweep(self) -> None:
+        """Wait until the sweep `begin_sweep` triggered has ended (a sweep that overruns closes the
+        session, as in `acquire`)."""
+        inst = self._require()
+        try:
+            inst.finish_sweep()
+        except VNAError:
+            self.close()
+            raise
+
+    def fetch(self) -> tuple[np.ndarray, int]:
+        """The data of the last sweep (as `acquire` returns it); valid until the next `sweep`."""
+        inst = self._require()
         s21 = inst.read_sdata(self._settings["data_format"], self._settings["byte_order"])
         if s21.size != self._settings["points"]:
             raise VNAError(inst.commands.sdata, f"{s21.size} points for a {self._settings['points']}-point sweep")

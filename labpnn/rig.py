@@ -6,7 +6,11 @@ concatenated in order) and stamps the time. Every batch is validated whole befor
 on an instrument failure the rows done so far are kept and the actuators are put in their safe
 state. An instrument that is the rig's only actuator and only sensor and offers ``measure_batch``
 (`BatchInstrument`: a simulator, a hardware-sequenced instrument) gets the whole batch in one call
-instead; its rows share the batch's completion time. Imports no torch: the device server runs this.
+instead; its rows share the batch's completion time. When every actuator is an
+`OverlappedActuator` and every sensor an `OverlappedSensor` (the microwave bench: a serial
+metasurface controller and a VNA), rows overlap: row i+1's controls go out while row i's trace is
+read, and a read-back check travels while the row settles and is measured (`_measure_overlapped`).
+Imports no torch: the device server runs this.
 """
 from __future__ import annotations
 
@@ -47,6 +51,10 @@ class Rig:
         self._identities: dict[str, str] = {}
         only = self.actuators[0] if len(self.actuators) == 1 and self.sensors == self.actuators else None
         self._measure_batch = getattr(only, "measure_batch", None)
+        self._overlapped = (all(callable(getattr(a, m, None)) for a in self.actuators
+                                for m in ("begin_apply", "end_apply", "end_verify"))
+                            and all(callable(getattr(s, m, None)) for s in self.sensors
+                                    for m in ("begin_sweep", "end_sweep", "fetch")))
         self._lock = threading.Lock()  # one actuation at a time, whoever calls
         self.busy_s = 0.0  #: total instrument time since connect (apply -> acquired, per row)
         self.rows_done = 0
@@ -139,6 +147,8 @@ class Rig:
                 if progress is not None:
                     progress(n_rows)
                 return m
+        if self._overlapped:
+            return self._measure_overlapped(batch, abort, progress)
         traces = np.empty((n_rows, self.n_outputs), np.float32)
         applied = batch.copy()  # overwritten only where an actuator reports something else
         stamps = np.empty(n_rows, np.float64)
@@ -195,6 +205,135 @@ class Rig:
                     progress(done + 1)
             else:
                 done = n_rows
+            self.busy_s += busy
+            self.rows_done += done
+        quantised = (applied[:done] != batch[:done]).any(axis=1)
+        if quantised.any():
+            flags[:done][quantised] |= FLAG_QUANTISED
+        return Measurement(batch, traces[:done], applied[:done], stamps[:done], flags[:done], error, busy)
+
+    def _measure_overlapped(self, batch: np.ndarray, abort: threading.Event | None,
+                            progress: Callable[[int], None] | None) -> Measurement:
+        """`measure` for overlapped instruments. Per row i, in this order::
+
+            begin_apply(i)        controls of row i go out (row i-1 is swept and verified)
+            fetch(i-1)            row i-1's trace is read meanwhile; row i-1 is done
+            end_apply(i)          the actuators took row i (each one's settle_s counts from then);
+                                  a read-back starts
+            prepare(i+1)          (if the actuator has it) row i+1 encoded, within the settle time
+            sleep(rest of settle_s)
+            begin_sweep(i)        measured from the settled row i
+            end_verify(i)         the read-back of row i, back during the settle and the sweep
+            end_sweep(i)          the measurement has ended
+
+        so row i+1 never starts before row i's measurement has ended, a trace is always read before
+        the next sweep, and a failed read-back fails its own row. On an error the rows done so far
+        are kept (an actuator failing at row i still lets row i-1's trace be read), a measurement
+        under way is waited for, and the actuators go to their safe state. Timestamps: when each
+        row's sweep ended. ``busy_s``: the loop's wall time (the rows overlap, so per-row times
+        would count some of it twice)."""
+        n_rows = batch.shape[0]
+        traces = np.empty((n_rows, self.n_outputs), np.float32)
+        applied = batch.copy()
+        stamps = np.empty(n_rows, np.float64)
+        flags = np.zeros(n_rows, np.uint32)
+        whole_a, whole_s = len(self.actuators) == 1, len(self.sensors) == 1
+        acts = [(a.name, a.begin_apply, a.end_apply, a.end_verify, cols, a.settle_s)
+                for a, cols in zip(self.actuators, self._slices, strict=True)]
+        preps = [(a.name, a.prepare, cols) for a, cols in zip(self.actuators, self._slices, strict=True)
+                 if callable(getattr(a, "prepare", None))]
+        sens, start = [], 0
+        for sensor in self.sensors:
+            sens.append((sensor.name, sensor.begin_sweep, sensor.end_sweep, sensor.fetch,
+                         slice(start, start + sensor.n_outputs)))
+            start += sensor.n_outputs
+        is_set = abort.is_set if abort is not None else None
+        perf, now = time.perf_counter, time.time
+        error: LabpnnError | None = None
+        done = 0  # rows whose traces are in: row `done` is the first not finished
+        swept = False  # row `done` is swept and verified, its trace not yet read
+        sweeping: list[str] = []  # sensors whose measurement is under way
+        name = ""
+
+        def fetch() -> None:
+            nonlocal done, swept, name
+            for name, _, _, fetch_one, cols in sens:  # noqa: B007 - `name` names a fault
+                trace, bits = fetch_one()
+                if whole_s:
+                    traces[done] = trace
+                else:
+                    traces[done, cols] = trace
+                if bits:
+                    flags[done] |= bits
+            done, swept = done + 1, False
+            if progress is not None:
+                name = ""  # not an instrument's fault: re-raised below, as from the row loop
+                progress(done)
+
+        with self._lock:
+            started = perf()
+            try:
+                for i in range(n_rows):
+                    if is_set is not None and is_set():
+                        break
+                    row = batch[i]
+                    for name, begin, _, _, cols, _ in acts:  # noqa: B007
+                        if whole_a:
+                            out = begin(row)
+                            if out is not row:
+                                applied[i] = out
+                        else:
+                            applied[i, cols] = begin(row[cols])
+                    if swept:
+                        fetch()
+                    settled = 0.0
+                    for name, _, end, _, _, settle_s in acts:  # noqa: B007
+                        took = end()  # when the actuator confirmed (perf_counter), or None: now
+                        settled = max(settled, (took if took is not None else perf()) + settle_s)
+                    if i + 1 < n_rows:  # the next row's encoding, while this one settles
+                        for _, prepare, cols in preps:
+                            try:
+                                prepare(batch[i + 1] if whole_a else batch[i + 1, cols])
+                            except Exception:  # only a head start: begin_apply encodes it again and
+                                pass  # reports any fault against its own row
+                    wait = settled - perf()
+                    if wait > 0:
+                        time.sleep(wait)
+                    for name, begin_sweep, _, _, _ in sens:  # noqa: B007
+                        begin_sweep()
+                        sweeping.append(name)
+                    for name, _, _, verify, _, _ in acts:  # noqa: B007
+                        verify()
+                    for name, _, end_sweep, _, _ in sens:  # noqa: B007
+                        end_sweep()
+                        sweeping.remove(name)
+                    stamps[i] = now()
+                    swept = True
+                if swept:
+                    fetch()
+            except Exception as exc:
+                failed = name
+                if not failed:
+                    raise
+                for sensor_name, _, end_sweep, _, _ in sens:  # a measurement under way ends first
+                    if sensor_name in sweeping:
+                        try:
+                            end_sweep()
+                        except Exception:
+                            log.exception("waiting for %s after %s failed", sensor_name, failed)
+                if swept and any(failed == a[0] for a in acts):  # the previous row's trace is still good
+                    try:
+                        fetch()
+                    except Exception:
+                        log.exception("reading row %d after %s failed", done, failed)
+                error = InstrumentFailure(
+                    f"{failed}: {exc} (row {done} of {n_rows}; rows before it were measured)",
+                    details={"n_done": done, "instrument": failed, "instrument_error": type(exc).__name__},
+                )
+                self.safe_state()
+            if error is None and done < n_rows:
+                error = Aborted(f"aborted after {done} of {n_rows} rows", details={"n_done": done})
+            busy = perf() - started
             self.busy_s += busy
             self.rows_done += done
         quantised = (applied[:done] != batch[:done]).any(axis=1)

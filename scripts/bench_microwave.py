@@ -9,7 +9,9 @@ the VNA emulator on a loopback socket -> pyserial / PyVISA drivers -> `Rig` -> `
    -> back), against the instrument time a configuration needs (the pattern's bytes and the `#OK`
    on the wire at the baud rate, the settle time, the sweep time from points and IF bandwidth: the
    physical limit) and against the physics alone (the cavity's S21 for one configuration, no I/O);
-   with the pattern read back after every write (the driver's default) and without.
+   with the pattern read back after every write (the driver's default) and without. The rig
+   overlaps rows (`Rig._measure_overlapped`): row i's trace is read while row i+1's pattern is on
+   the wire, and the read-back travels during the settle time and the sweep.
 2. **Twin.** A calibration sweep of ``--calibration-rows`` (uniform binary patterns + repeats for
    the noise floor) at the VNA's spec noise, a twin fitted to it: held-out R^2 (pooled over
    frequencies) and the noise ratio (held-out MSE / repeat variance; 1.0 is the floor).
@@ -89,7 +91,8 @@ def throughput(rows: int, repeats: int) -> list[dict]:
             out.append({"verify": verify, "stack_s_per_config": per_row, "configs_per_s": 1 / per_row,
                         "instrument_s_per_config": limit, "limit_configs_per_s": 1 / limit,
                         "fraction_of_limit": limit / per_row, "physics_s_per_config": physics,
-                        "stack_over_physics": per_row / physics})
+                        "stack_over_physics": per_row / physics,
+                        "fraction_per_repeat": [limit / t for t in times]})
     return out
 
 
@@ -177,11 +180,14 @@ def main(argv=None) -> int:
     print("throughput (configurations through server -> controller -> VNA):", flush=True)
     report["throughput"] = throughput(args.rows, args.repeats)
     print(f"{'read-back':>10} {'stack ms/cfg':>13} {'cfg/s':>7} {'limit ms/cfg':>13} {'of limit':>9} "
-          f"{'physics ms':>11} {'stack/physics':>14}")
+          f"{'repeats':>10} {'physics ms':>11} {'stack/physics':>14}")
     for t in report["throughput"]:
+        spread = f"{min(t['fraction_per_repeat']):.2f}-{max(t['fraction_per_repeat']):.2f}"
         print(f"{'on' if t['verify'] else 'off':>10} {t['stack_s_per_config'] * 1e3:>13.2f} {t['configs_per_s']:>7.1f} "
-              f"{t['instrument_s_per_config'] * 1e3:>13.2f} {t['fraction_of_limit']:>9.2f} "
+              f"{t['instrument_s_per_config'] * 1e3:>13.2f} {t['fraction_of_limit']:>9.2f} {spread:>10} "
               f"{t['physics_s_per_config'] * 1e3:>11.2f} {t['stack_over_physics']:>14.1f}")
+    print(f"(of limit: the median of {args.repeats} repeats of {args.rows} rows; load average "
+          f"{report['load'][0]:.1f} before, {os.getloadavg()[0]:.1f} after)")
     if not args.skip_accuracy:
         report["accuracy"] = accuracy(args)
         runs = report["accuracy"]["runs"]

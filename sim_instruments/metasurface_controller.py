@@ -27,7 +27,11 @@ Timing
 - Wire time: every byte costs ``10 / baud`` seconds (8N1: start + 8 data + stop bits) in both
   directions. A pty delivers a written line at once, so the emulator waits until the received line
   *would* have ended on a real wire (``first byte seen + len(line) * 10 / baud``) before acting on
-  it, and paces each reply byte by byte against the same clock.
+  it, and paces each reply against the same clock: in chunks of up to 62 bytes, as the board's
+  USB-serial bridge (an FTDI FT231X) hands bytes to the host in USB packets, each chunk when its
+  last byte would have arrived (so a reply line is complete exactly when it would be on the wire,
+  and never earlier). The bridge's latency timer is not modelled (with FTDI's chip default a short
+  reply may wait up to 16 ms: on a real bench check ``/sys/bus/usb-serial/devices/*/latency_timer``).
 - ``latch_s``: shifting 256 bits and latching, between the end of the received line and ``#OK``.
 - ``settle_s``: the cavity sees a new pattern only ``settle_s`` after the last byte of its ``#OK``
   has been sent (bias network and PIN-diode switching). `pattern_at` answers what the cavity sees
@@ -54,6 +58,8 @@ import tty
 
 import numpy as np
 
+from .serving import fine_sleeps
+
 __all__ = ["MetasurfaceControllerEmulator", "bits_to_hex", "hex_to_bits", "main", "BANNER_LINES"]
 
 #: The boot banner (after ``!Reset``); the serial-number line is filled in per instance.
@@ -61,6 +67,7 @@ BANNER_LINES = ("", "Open Source RIS (emulated)", "Firmware version: 1.0", "Seri
                 "Row count: 16", "Column count: 16", "", "#READY!")
 
 _MAX_LINE = 128  # the firmware's receive FIFO: a longer line is discarded without a reply
+_CHUNK = 62  # reply bytes handed over at once: the data of one USB packet of the board's FT231X bridge
 _HEX_DIGITS = frozenset("0123456789ABCDEF")
 
 
@@ -195,6 +202,7 @@ class MetasurfaceControllerEmulator:
 
     # -- serving
     def _serve(self) -> None:
+        fine_sleeps()  # wire, latch and settle times kept to a few us
         line = bytearray()
         # when the byte just taken would have finished arriving on a real wire: the receiver runs
         # on its own (full duplex), so this clock never waits for our replies
@@ -220,29 +228,33 @@ class MetasurfaceControllerEmulator:
                     received = bytes(line)
                     line.clear()
                     if len(received) < _MAX_LINE:  # the firmware's FIFO drops longer lines
-                        self._sleep_until(rx_clock)
-                        self._handle(received)
+                        self._handle(received, rx_clock)
                 elif len(line) < _MAX_LINE:
                     line.append(byte)
 
-    def _handle(self, raw: bytes) -> None:
+    def _handle(self, raw: bytes, line_end: float) -> None:
+        """Act on one line once it would have arrived whole (``line_end``, monotonic)."""
+        text = raw.decode("ascii", errors="replace").rstrip("\r").upper()
+        n_hex = self.n_bits // 4
+        is_pattern = text.startswith("!0X") and len(text) == 3 + n_hex and set(text[3:]) <= _HEX_DIGITS
+        bits = hex_to_bits(text[3:]) if is_pattern else None  # decoded while the line is still arriving
+        # a pattern is shifted and latched latch_s after the end of its line (one wake-up for both)
+        self._sleep_until(line_end + self.latch_s if is_pattern else line_end)
         self.lines_received += 1
         if self.drop_next > 0:
             self.drop_next -= 1
             return
         if self.silent:
             return
-        text = raw.decode("ascii", errors="replace").rstrip("\r").upper()
-        n_hex = self.n_bits // 4
-        if text.startswith("!0X") and len(text) == 3 + n_hex and set(text[3:]) <= _HEX_DIGITS:
-            bits = hex_to_bits(text[3:])
-            self._sleep_until(time.monotonic() + self.latch_s)
+        if is_pattern:
             with self._lock:
                 self._latched = bits
             self.patterns_latched += 1
-            done = self._send(b"#OK\n")
-            self.last_ok_time = done
-            self._make_visible(bits, done + self.settle_s)
+            # visible settle_s after the #OK's last byte can first be out, registered before it goes:
+            # a thread starved after sending must not let a sweep see the old pattern
+            ok = b"#OK\n"
+            self._make_visible(bits, time.monotonic() + len(ok) * self.byte_s + self.settle_s)
+            self.last_ok_time = self._send(ok)
         elif text == "?PATTERN":
             bits = self.latched
             if self.corrupt_readback:
@@ -261,18 +273,17 @@ class MetasurfaceControllerEmulator:
         # anything else: silence, as the firmware
 
     def _send(self, data: bytes) -> float:
-        """Write ``data`` paced at the baud rate; return the monotonic time its last byte is out."""
+        """Write ``data`` paced at the baud rate, in chunks of up to `_CHUNK` bytes, each when its
+        last byte would have arrived (never earlier); return the monotonic time its last byte is out."""
         start = time.monotonic()
         sent = 0
         while sent < len(data):
-            due = min(len(data), int((time.monotonic() - start) / self.byte_s))
-            if due > sent:
-                try:
-                    sent += os.write(self._master, data[sent:due])
-                except OSError:
-                    return time.monotonic()
-            else:
-                self._sleep_until(start + (sent + 1) * self.byte_s)
+            self._sleep_until(start + min(len(data), sent + _CHUNK) * self.byte_s)
+            due = min(len(data), max(sent + 1, int((time.monotonic() - start) / self.byte_s)))
+            try:
+                sent += os.write(self._master, data[sent:due])
+            except OSError:
+                return time.monotonic()
         return time.monotonic()
 
     @staticmethod

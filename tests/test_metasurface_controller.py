@@ -1,6 +1,7 @@
 """RIS controller: the codec, the driver against its emulator over a real pseudo-terminal (pyserial
 opens it as a serial port), the driver against a byte-exact transcript over ``socket://``, faults
-(silence, wrong read-back, dropped lines, invalid commands), the settle-time race and wire time.
+(silence, wrong read-back, dropped lines, invalid commands), the settle-time race and wire time,
+and the two-step exchanges an overlapping rig uses.
 
 Fixtures reused by the microwave integration test (import them from this module):
 ``make_ris_emulator(**kwargs)`` -> a started `MetasurfaceControllerEmulator` (stopped at teardown),
@@ -322,6 +323,131 @@ def test_wire_time_follows_the_baud_rate(make_ris_emulator):
     expected_get = (9 + 68) * 10 / baud  # 80 ms
     assert expected_set * 0.95 <= set_s < expected_set + 1.0
     assert expected_get * 0.95 <= get_s < expected_get + 1.0
+
+
+# -- two-step exchanges (what an overlapping rig uses) ---------------------------------------------
+def test_a_two_step_write_leaves_the_wire_time_to_the_caller(make_ris_emulator):
+    baud = 9600  # 72 bytes: 75 ms on the wire
+    emulator = make_ris_emulator(baud=baud, latch_s=0.0)
+    bits = random_pattern(40)
+    with RISController(emulator.port, baud=baud, timeout_s=1.0) as controller:
+        t0 = time.monotonic()
+        controller.start_set_pattern(bits)
+        sent_s = time.monotonic() - t0
+        assert emulator.patterns_latched == 0  # still on its way
+        controller.finish_set_pattern()
+        done_s = time.monotonic() - t0
+        np.testing.assert_array_equal(emulator.latched, bits)
+        controller.start_pattern_query()
+        np.testing.assert_array_equal(controller.finish_pattern_query(), bits)
+    assert sent_s < 0.03 and done_s >= 72 * 10 / baud * 0.95
+
+
+def test_a_reply_that_came_in_time_counts_when_read_late(ris_emulator):
+    with RISController(ris_emulator.port, timeout_s=0.1) as controller:
+        controller.start_set_pattern(random_pattern(41))
+        time.sleep(0.3)  # the caller was busy past the timeout; the #OK has been waiting
+        controller.finish_set_pattern()
+        controller.start_pattern_query()
+        time.sleep(0.3)
+        np.testing.assert_array_equal(controller.finish_pattern_query(), random_pattern(41))
+
+
+def test_two_step_exchanges_are_matched_and_an_abandoned_one_is_dropped(ris_emulator):
+    with RISController(ris_emulator.port, timeout_s=0.3) as controller:
+        with pytest.raises(RISError, match="no '!0x' command awaits its reply"):
+            controller.finish_set_pattern()
+        controller.start_pattern_query()
+        with pytest.raises(RISError, match="no '!0x' command awaits"):
+            controller.finish_set_pattern()  # the open exchange is a ?Pattern
+        controller.start_pattern_query()
+        controller.set_pattern(random_pattern(42))  # waits for that reply first, drops it, then writes
+        with pytest.raises(RISError, match="no '\\?Pattern' command awaits"):
+            controller.finish_pattern_query()
+        np.testing.assert_array_equal(controller.pattern(), random_pattern(42))
+
+
+def test_a_command_never_goes_out_while_another_is_unanswered(ris_emulator):
+    """The firmware takes one command at a time (a '?' or '!' inside an unfinished command is
+    garbage to it): a command sent while a two-step one is open waits for its reply first."""
+    events: list[tuple[str, float]] = []
+    send = ris_emulator._send
+
+    def logged_reply(data):
+        # stamped when the reply starts: the controller may read its bytes before the emulated
+        # wire time `send` returns has passed
+        events.append(("reply " + data[:3].decode(), time.monotonic()))
+        return send(data)
+
+    ris_emulator._send = logged_reply
+    with RISController(ris_emulator.port, timeout_s=1.0) as controller:
+        write = controller._send
+
+        def logged_write(command, **kwargs):
+            events.append(("write " + command[:3], time.monotonic()))
+            write(command, **kwargs)
+
+        controller._send = logged_write
+        controller.start_set_pattern(random_pattern(44))
+        controller.set_pattern(random_pattern(45))  # as the rig's safe state after a failure
+    deadline = time.monotonic() + 2.0  # the emulator's thread logs its last reply on its own time
+    while sum(e.startswith("reply") for e, _ in events) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    events.sort(key=lambda e: e[1])
+    assert [e for e, _ in events] == ["write !0x", "reply #OK", "write !0x", "reply #OK"]
+    np.testing.assert_array_equal(ris_emulator.latched, random_pattern(45))
+
+
+def test_a_silent_controller_times_out_a_two_step_write_and_retries_resend_it(ris_emulator):
+    bits = random_pattern(43)
+    with RISController(ris_emulator.port, timeout_s=0.2) as controller:
+        ris_emulator.silent = True
+        controller.start_set_pattern(bits)
+        t0 = time.monotonic()
+        with pytest.raises(RISTimeoutError, match="stayed silent for 0.2 s after '!0x"):
+            controller.finish_set_pattern()
+        assert time.monotonic() - t0 < 3.0
+        ris_emulator.silent = False
+    with RISController(ris_emulator.port, timeout_s=0.2, retries=1) as controller:
+        ris_emulator.drop_next = 1
+        controller.start_set_pattern(bits)
+        controller.finish_set_pattern()
+        np.testing.assert_array_equal(ris_emulator.latched, bits)
+
+
+def test_the_actuator_in_three_steps_checks_the_read_back_last(ris_emulator):
+    actuator = MetasurfaceActuator(ris_emulator.port, atoms=range(8), timeout_s=1.0)
+    assert isinstance(actuator, roles.OverlappedActuator)
+    actuator.connect()
+    try:
+        row = np.array([1, 0, 1, 1, 0, 0, 1, 0], np.float32)
+        np.testing.assert_array_equal(actuator.begin_apply(row * 0.9), row)  # quantised, at once
+        actuator.end_apply()
+        np.testing.assert_array_equal(ris_emulator.latched[:8], row)  # latched at #OK
+        assert actuator.last_pattern is None  # not yet checked
+        actuator.end_verify()
+        np.testing.assert_array_equal(actuator.last_pattern[:8], row)
+        ris_emulator.corrupt_readback = True
+        actuator.begin_apply(1 - row)
+        actuator.end_apply()  # the latch is fine; the read-back is not
+        with pytest.raises(RISReadbackError, match="differs"):
+            actuator.end_verify()
+        assert actuator.last_pattern is None
+        actuator.configure(verify=False)
+        actuator.begin_apply(row)
+        actuator.end_apply()
+        actuator.end_verify()  # nothing to check
+        np.testing.assert_array_equal(actuator.last_pattern[:8], row)
+        with pytest.raises(RISError, match="end_apply without begin_apply"):
+            actuator.end_apply()
+        actuator.prepare(row)  # encoded ahead; a different row sent next is encoded anew
+        np.testing.assert_array_equal(actuator.begin_apply(1 - row), 1 - row)
+        actuator.end_apply()
+        actuator.end_verify()
+        np.testing.assert_array_equal(ris_emulator.latched[:8], 1 - row)
+    finally:
+        ris_emulator.corrupt_readback = False
+        actuator.close()
 
 
 # -- the actuator role -----------------------------------------------------------------------------

@@ -2,7 +2,10 @@
 the pyserial driver, the VNA emulator on a real TCP socket read by the PyVISA driver, both on one
 cavity. A pattern set through the controller is the one the sweep measures; a sweep started before
 the settle time ends measures the old one; a silent controller and a wrong read-back are reported;
-``labpnn sim microwave`` (the module's ``main``) serves both and stops on SIGTERM.
+``labpnn sim microwave`` (the module's ``main``) serves both and stops on SIGTERM. The rig's
+overlapped loop on both emulators (a cavity whose S21 spells out the pattern it saw): every row's
+trace is its own pattern's, no pattern goes out before the previous sweep has ended, and a wrong
+read-back or a silent controller fails its own row, keeping the rows before it.
 """
 from __future__ import annotations
 
@@ -141,3 +144,118 @@ def test_sim_microwave_serves_until_sigterm():
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err
+
+
+# -- the overlapped rig loop against both emulators -------------------------------------------------
+class CodeCavity:
+    """A cavity whose S21 spells out the meta-atom states (Re = 0.25 + 0.5 x state, one point per
+    atom), so a trace names the pattern its sweep saw; records every sweep it serves."""
+
+    n_meta = 16
+
+    def __init__(self):
+        self.sweeps: list[tuple[float, np.ndarray]] = []  # (monotonic time, states)
+
+    def measure(self, states, freqs_hz, *, if_bandwidth_hz, power_dbm):
+        self.sweeps.append((time.monotonic(), np.asarray(states).copy()))
+        return np.resize(0.25 + 0.5 * np.asarray(states, float), len(freqs_hz)) + 0j
+
+
+@pytest.fixture
+def coded_rig():
+    """A `Rig` (metasurface actuator + VNA sensor, overlapped) on the emulators around a `CodeCavity`,
+    settle 3 ms, 16 points at 10 kHz; yields (rig, bench, pattern lines the controller acted on)."""
+    from labpnn.rig import Rig
+
+    bench = MicrowaveBenchEmulators(cavity=CodeCavity(), settle_s=0.003).start()
+    lines: list[tuple[float, bytes]] = []  # (monotonic time the controller acts on a line, the line)
+    handle = bench.controller._handle
+
+    def logged(raw, line_end):
+        lines.append((time.monotonic(), raw))
+        handle(raw, line_end)
+
+    bench.controller._handle = logged
+    trigger, bench.sweep_ends = bench.vna._trigger, []
+
+    def logged_trigger():
+        trigger()
+        bench.sweep_ends.append(bench.vna._st.sweeping_until)  # when *OPC? may answer
+
+    bench.vna._trigger = logged_trigger
+    meta = MetasurfaceActuator(bench.serial_port, atoms=range(16), settle_s=0.003, timeout_s=0.3)
+    vna = VNASensor(bench.vna_resource, output="reim", start_hz=4.5e9, stop_hz=5.5e9, points=16,
+                    if_bandwidth_hz=10e3, timeout_s=5)
+    rig = Rig([meta], [vna]).connect()
+    try:
+        yield rig, bench, lines
+    finally:
+        rig.close()
+        bench.stop()
+
+
+def decoded(traces: np.ndarray) -> np.ndarray:
+    return np.rint((traces[:, :16] - 0.25) / 0.5).astype(np.float32)
+
+
+def test_the_overlapped_rig_returns_each_rows_trace_for_its_own_pattern(coded_rig):
+    rig, bench, lines = coded_rig
+    assert rig._overlapped
+    rng = np.random.default_rng(7)
+    x = rng.random((12, 16), dtype=np.float32)
+    x[1::2] = 1 - x[0::2]  # every other row the complement: consecutive traces differ in every point
+    states = (x >= 0.5).astype(np.float32)
+    m = rig.measure(x)
+    assert m.error is None and m.n_done == 12
+    np.testing.assert_array_equal(m.applied, states)
+    np.testing.assert_array_equal(decoded(m.traces), states)  # its own pattern, settled: not the one before
+    np.testing.assert_array_equal(m.traces[:, 16:], 0)
+    # on the wire: each pattern went out only after the previous sweep had ended
+    ends = bench.sweep_ends[-12:]
+    patterns = [t for t, raw in lines if raw.startswith(b"!0x")][-12:]
+    assert len(ends) == len(patterns) == 12 and all(p > e for e, p in zip(ends, patterns[1:]))
+    assert sum(raw == b"?Pattern" for _, raw in lines) >= 12  # and every one was read back
+
+
+def test_a_wrong_read_back_fails_its_row_in_the_overlapped_rig(coded_rig):
+    rig, bench, lines = coded_rig
+    controller = bench.controller
+    latched = controller._make_visible
+
+    def corrupt_from_the_fourth(bits, at):  # the read-back of the 4th pattern of the batch comes back wrong
+        latched(bits, at)
+        if controller.patterns_latched == 4:
+            controller.corrupt_readback = True
+
+    controller._make_visible = corrupt_from_the_fourth
+    x = np.eye(16, dtype=np.float32)[:6]
+    m = rig.measure(x)
+    controller.corrupt_readback = False
+    assert m.n_done == 3 and m.error.details["instrument_error"] == "RISReadbackError"
+    assert "differs from the one written in 1 bit(s)" in str(m.error) and "row 3 of 6" in str(m.error)
+    np.testing.assert_array_equal(decoded(m.traces), x[:3])
+    np.testing.assert_array_equal(controller.latched, np.zeros(256, np.uint8))  # then the safe state
+
+
+def test_a_silent_controller_times_out_in_the_overlapped_rig_keeping_the_rows_before(coded_rig):
+    rig, bench, lines = coded_rig
+    handle = bench.controller._handle
+
+    def silence_after_the_second_read_back(raw, line_end):  # row 1 is read back, row 2 gets no #OK
+        handle(raw, line_end)
+        if sum(line == b"?Pattern" for _, line in lines) == 2:
+            bench.controller.silent = True
+
+    bench.controller._handle = silence_after_the_second_read_back
+    x = np.eye(16, dtype=np.float32)[:4]
+    t0 = time.monotonic()
+    m = rig.measure(x)
+    bench.controller._handle = handle
+    bench.controller.silent = False
+    assert m.n_done == 2 and m.error.details["instrument_error"] == "RISTimeoutError"
+    assert "stayed silent for 0.3 s" in str(m.error) and "row 2 of 4" in str(m.error)
+    assert time.monotonic() - t0 < 3
+    np.testing.assert_array_equal(decoded(m.traces), x[:2])
+    m = rig.measure(x[:1])  # and the rig works again
+    assert m.error is None
+    np.testing.assert_array_equal(decoded(m.traces), x[:1])
