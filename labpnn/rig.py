@@ -193,10 +193,7 @@ class Rig:
                         if bits:
                             flags[done] |= bits
                 except Exception as exc:
-                    error = InstrumentFailure(
-                        f"{name}: {exc} (row {done} of {n_rows}; rows before it were measured)",
-                        details={"n_done": done, "instrument": name, "instrument_error": type(exc).__name__},
-                    )
+                    error = _row_failure(name, exc, done, n_rows)
                     self.safe_state()
                     break
                 busy += perf() - started
@@ -207,10 +204,7 @@ class Rig:
                 done = n_rows
             self.busy_s += busy
             self.rows_done += done
-        quantised = (applied[:done] != batch[:done]).any(axis=1)
-        if quantised.any():
-            flags[:done][quantised] |= FLAG_QUANTISED
-        return Measurement(batch, traces[:done], applied[:done], stamps[:done], flags[:done], error, busy)
+        return _rows_measured(batch, traces, applied, stamps, flags, done, error, busy)
 
     def _measure_overlapped(self, batch: np.ndarray, abort: threading.Event | None,
                             progress: Callable[[int], None] | None) -> Measurement:
@@ -326,20 +320,14 @@ class Rig:
                         fetch()
                     except Exception:
                         log.exception("reading row %d after %s failed", done, failed)
-                error = InstrumentFailure(
-                    f"{failed}: {exc} (row {done} of {n_rows}; rows before it were measured)",
-                    details={"n_done": done, "instrument": failed, "instrument_error": type(exc).__name__},
-                )
+                error = _row_failure(failed, exc, done, n_rows)
                 self.safe_state()
             if error is None and done < n_rows:
                 error = Aborted(f"aborted after {done} of {n_rows} rows", details={"n_done": done})
             busy = perf() - started
             self.busy_s += busy
             self.rows_done += done
-        quantised = (applied[:done] != batch[:done]).any(axis=1)
-        if quantised.any():
-            flags[:done][quantised] |= FLAG_QUANTISED
-        return Measurement(batch, traces[:done], applied[:done], stamps[:done], flags[:done], error, busy)
+        return _rows_measured(batch, traces, applied, stamps, flags, done, error, busy)
 
     def _batch_measurement(self, batch: np.ndarray) -> Measurement | None:
         with self._lock:
@@ -387,3 +375,18 @@ class Rig:
                 except (ValueError, TypeError) as exc:
                     raise BadSetting(f"{name}: {exc}") from None
         return {name: self.instruments[name].settings() for name in settings}
+
+
+def _row_failure(instrument: str, exc: BaseException, done: int, n_rows: int) -> InstrumentFailure:
+    return InstrumentFailure(f"{instrument}: {exc} (row {done} of {n_rows}; rows before it were measured)",
+                             details={"n_done": done, "instrument": instrument,
+                                      "instrument_error": type(exc).__name__})
+
+
+def _rows_measured(batch, traces, applied, stamps, flags, done, error, busy) -> Measurement:
+    """The first ``done`` rows of a row loop as a `Measurement`; rows whose applied controls differ
+    from those sent are flagged quantised."""
+    quantised = (applied[:done] != batch[:done]).any(axis=1)
+    if quantised.any():
+        flags[:done][quantised] |= FLAG_QUANTISED
+    return Measurement(batch, traces[:done], applied[:done], stamps[:done], flags[:done], error, busy)
