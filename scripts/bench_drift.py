@@ -32,25 +32,11 @@ REFRESH = (0.0, 0.1)
 STEPS_DB = (0.1, 0.3, 1.0)
 
 
-class BenchPlant:
-    def __init__(self, seed: int, drift_scale: float):
-        from labpnn.sim_instruments import shg
-
-        self.bench = shg.SHGBench(shg.OpticalBenchConfig(seed=seed, drift_scale=drift_scale))
-        self.offset_db = 0.0
-
-    def describe(self):
-        return {"n_controls": self.bench.config.n_channels, "n_outputs": self.bench.config.n_pixels}
-
-    def run(self, controls):
-        attn = 30.0 * (1.0 - np.asarray(controls, np.float64)) + self.offset_db
-        return (self.bench.measure_batch(attn)[0] * 1e6).astype(np.float32)
-
-
 def run_case(lo: float, hi: float, drift: float, shots: int, seed: int, batch: int = 16, every: int = 4) -> dict:
+    from labpnn.benches.optical import OpticalPhysics
     from labpnn.training.drift import DriftProbe
 
-    plant = BenchPlant(seed, drift)
+    plant = OpticalPhysics(seed=seed, drift_scale=drift, resolution_db=1e-9)
     n_ch = plant.bench.config.n_channels
     rng = np.random.default_rng(seed)
     start, end = rng.uniform(lo, hi, (32, n_ch)), rng.uniform(lo, hi, (32, n_ch))

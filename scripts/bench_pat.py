@@ -7,7 +7,17 @@ each of ``--seeds`` seeded splits (60/20/20, stratified) and each depth, PAT and
 with the same settings and are evaluated on the physics. Reported per method and depth: test
 accuracy on the physics (mean ± standard error over the splits), training passes to reach the
 target on the validation split (median; how many runs reached it), the twin-only test accuracy,
-and a digital logistic regression on the same splits beside them.
+and a digital logistic regression on the same splits beside them. For PAT at 2+ layers, the test
+accuracy with each hidden layer bypassed (`labpnn.training.ablation`: the layer replaced by the
+identity on its features, nothing retrained), so every layer is shown to matter.
+
+Every run trains for the library's default epochs (`labpnn.training.defaults`: ~16,000 training
+passes per layer, 60 epochs on the vowels at every depth — the same number of optimiser steps);
+``--passes N`` gives each run a budget of N passes in all instead (fewer steps for deeper
+networks: the setting of the figures before issue 15). ``--inprocess`` runs the same bench
+physics (`labpnn.sim_instruments.shg.SHGBench`, seed 0, the emulators' model) in-process without
+the instruments' emulators, drivers and device server — ~200x faster per row, for diagnosis and
+for the full table on a small machine; the figures are the same physics but not the same stack.
 
 Then the duty cycle: one short PAT run at the optical bench's realistic latency (``--settle-ms``,
 ``--sweep-ms``; default 20 + 200 ms per row) with the online twin on: the device server's busy
@@ -17,6 +27,7 @@ refinement included; calibration and evaluation excluded).
     python scripts/bench_pat.py                 # the full benchmark (~45 min on 2 cores)
     python scripts/bench_pat.py --quick         # 2 seeds, 1 layer, short runs, short duty run
     python scripts/bench_pat.py --skip-duty --layers 1 2 3 --seeds 5 --out runs/bench_pat
+    python scripts/bench_pat.py --skip-duty --inprocess   # the same table in a few minutes
 """
 from __future__ import annotations
 
@@ -40,10 +51,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--layers", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--passes", type=int, default=9300, help="training-pass budget per run (sets the epochs per depth)")
+    p.add_argument("--passes", type=int, default=None,
+                   help="training-pass budget per run, all layers together (default: the library's epochs, the "
+                   "same at every depth)")
     p.add_argument("--calibration-rows", type=int, default=4000)
     p.add_argument("--twin-seconds", type=float, default=90.0)
-    p.add_argument("--online-twin", action="store_true", help="refine the twin online in the accuracy runs too")
+    p.add_argument("--online-twin", choices=("auto", "on", "off"), default="auto",
+                   help="refine the twin online in the accuracy runs (auto: the library's default, on for 2+ layers)")
+    p.add_argument("--inprocess", action="store_true",
+                   help="the bench's physics in-process (no emulators, drivers or server): fast, same physics")
     p.add_argument("--settle-ms", type=float, default=20.0)
     p.add_argument("--sweep-ms", type=float, default=200.0)
     p.add_argument("--duty-epochs", type=int, default=2)
@@ -57,12 +73,15 @@ def main(argv=None) -> int:
         args.seeds, args.layers, args.passes = 2, [1], 1600
         args.calibration_rows, args.twin_seconds, args.duty_epochs = 800, 20.0, 1
         args.settle_ms, args.sweep_ms = 5.0, 20.0
+    online = {"auto": None, "on": True, "off": False}[args.online_twin]
 
     torch.set_num_threads(1)
     from labpnn.benches.demo import simulated_bench
     from labpnn.remote.client import RigClient
     from labpnn.remote.server import DeviceServer
+    from labpnn.training.ablation import bypass_accuracies
     from labpnn.training.datasets import load_dataset, logistic_baseline
+    from labpnn.training.pat import PhysicsForward
     from labpnn.training.trainer import (
         TrainSettings,
         _operating_controls,
@@ -77,8 +96,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
 
     if not args.skip_accuracy:
-        with simulated_bench("optical", seed=0) as rig, \
-                DeviceServer(rig, bind="tcp://127.0.0.1:*", publish="") as server, RigClient(server.address) as client:
+        with accuracy_system(args.inprocess) as client:
             d = client.describe()
             ds0 = load_dataset("vowels", seed=0)
             centres = np.concatenate([
@@ -99,19 +117,24 @@ def main(argv=None) -> int:
                 results["runs"].append({"method": "logistic", "layers": 0, "seed": seed, "test": base["test"],
                                         "val": base["validation"]})
                 for layers in args.layers:
-                    epochs = max(1, args.passes // (layers * len(ds.y_train)))
+                    epochs = max(1, args.passes // (layers * len(ds.y_train))) if args.passes else None
                     for method in ("pat", "insilico"):
                         t1 = time.perf_counter()
                         r = train(client, ds, method=method, twin=twin, calibration=calibration, layers=layers,
-                                  epochs=epochs, seed=seed, online_twin=args.online_twin, progress=False)
-                        run = {"method": method, "layers": layers, "seed": seed, "epochs": epochs,
+                                  epochs=epochs, seed=seed, online_twin=online, progress=False)
+                        run = {"method": method, "layers": layers, "seed": seed,
+                               "epochs": int(r.settings["epochs"]), "online_twin": r.settings["online_twin"],
                                "test": r.test_accuracy, "val": r.val_accuracy, "twin_test": r.twin_test_accuracy,
                                "passes": r.passes, "passes_to_target": r.passes_to_target,
                                "best_epoch": r.best_epoch, "seconds": time.perf_counter() - t1}
+                        if method == "pat" and layers > 1:  # every layer matters: each hidden one bypassed
+                            run["bypass"] = bypass_accuracies(r.network, ds.X_test, ds.y_test, PhysicsForward(client))
                         results["runs"].append(run)
                         print(f"seed {seed} {method:<8} {layers} layer(s): test {r.test_accuracy:.3f} "
                               f"val {r.val_accuracy:.3f} twin {r.twin_test_accuracy:.3f} "
-                              f"to-target {r.passes_to_target} ({run['seconds']:.0f} s)", flush=True)
+                              f"to-target {r.passes_to_target} ({run['seconds']:.0f} s)"
+                              + "".join(f"; bypass {b['bypassed']}: {b['accuracy']:.3f}" for b in run.get("bypass", [])
+                                        if b["accuracy"] is not None), flush=True)
                         (out / "bench_pat.json").write_text(json.dumps(results, indent=2, default=str))
 
     if not args.skip_duty:
@@ -143,14 +166,41 @@ def main(argv=None) -> int:
     return 0
 
 
+def accuracy_system(inprocess: bool):
+    """The system the accuracy runs train on: the simulated bench through the whole stack, or
+    (``inprocess``) its physics called directly."""
+    import contextlib
+
+    if inprocess:
+        from labpnn.benches.optical import OpticalPhysics
+
+        return contextlib.nullcontext(OpticalPhysics(seed=0))
+    from labpnn.benches.demo import simulated_bench
+    from labpnn.remote.client import RigClient
+    from labpnn.remote.server import DeviceServer
+
+    stack = contextlib.ExitStack()
+    rig = stack.enter_context(simulated_bench("optical", seed=0))
+    server = stack.enter_context(DeviceServer(rig, bind="tcp://127.0.0.1:*", publish=""))
+    client = stack.enter_context(RigClient(server.address))
+
+    @contextlib.contextmanager
+    def opened():
+        with stack:
+            yield client
+    return opened()
+
+
 def table(results) -> str:
     runs = results["runs"]
     lines = []
     if runs:
         lines.append("")
-        lines.append("vowels, simulated optical bench at zero latency: test accuracy on the physics "
-                     "(mean ± s.e. over seeded splits)")
-        lines.append(f"{'method':<10} {'layers':>6} {'test acc':>16} {'twin-only':>10} {'passes to 95% val':>26}")
+        where = ("the optical bench's physics in-process" if results["args"].get("inprocess")
+                 else "simulated optical bench at zero latency")
+        lines.append(f"vowels, {where}: test accuracy on the physics (mean ± s.e. over seeded splits)")
+        lines.append(f"{'method':<10} {'layers':>6} {'test acc':>16} {'twin-only':>10} {'passes to 95% val':>26}"
+                     "   test acc with a hidden layer bypassed (identity)")
         for method in ("pat", "insilico", "logistic"):
             for layers in sorted({r["layers"] for r in runs if r["method"] == method}):
                 rs = [r for r in runs if r["method"] == method and r["layers"] == layers]
@@ -164,7 +214,13 @@ def table(results) -> str:
                 else:
                     to = (f"median {statistics.median(reached):.0f} ({len(reached)}/{len(rs)} runs)" if reached
                           else f"not reached (0/{len(rs)})")
-                lines.append(f"{method:<10} {layers if layers else '-':>6} {m:>9.3f} ± {se:.3f} {twin:>10} {to:>26}")
+                bypass = []
+                for j, b in enumerate(rs[0].get("bypass", [])):
+                    accs = [r["bypass"][j]["accuracy"] for r in rs if r["bypass"][j]["accuracy"] is not None]
+                    name = f"layer {b['bypassed'] + 1}" if isinstance(b["bypassed"], int) else b["bypassed"]
+                    bypass.append(f"{name} {np.mean(accs):.3f}" if accs else f"{name} n/a")
+                lines.append(f"{method:<10} {layers if layers else '-':>6} {m:>9.3f} ± {se:.3f} {twin:>10} {to:>26}"
+                             + ("   " + ", ".join(bypass) if bypass else ""))
     if "duty" in results:
         d = results["duty"]
         lines.append(f"rig duty cycle (server busy / training-step wall time, {d['settle_ms']:g} + {d['sweep_ms']:g} ms "

@@ -33,40 +33,6 @@ import platform
 import sys
 import time
 
-import numpy as np
-
-
-class BenchPlant:
-    """The simulated bench as a PhysicalSystem, in-process (no sockets)."""
-
-    def __init__(self, *, attn_min_db: float | None = None, attn_max_db: float | None = None,
-                 resolution_db: float | None = None, seed: int = 0):
-        from labpnn.benches.optical import RIG
-        from labpnn.sim_instruments.shg import OpticalBenchConfig, SHGBench
-
-        shaper = RIG["shaper"]
-        attn_min_db = shaper["attn_min_db"] if attn_min_db is None else attn_min_db
-        attn_max_db = shaper["attn_max_db"] if attn_max_db is None else attn_max_db
-        resolution_db = shaper["attn_resolution_db"] if resolution_db is None else resolution_db
-
-        self.bench = SHGBench(OpticalBenchConfig(seed=seed))
-        self.attn_min_db, self.attn_max_db, self.resolution_db = attn_min_db, attn_max_db, resolution_db
-        self.n_controls = self.bench.config.n_channels
-        self.n_outputs = self.bench.config.n_pixels
-
-    def describe(self):
-        return {"name": "shg-bench-inprocess", "n_controls": self.n_controls, "n_outputs": self.n_outputs,
-                "axis": {"name": "wavelength", "unit": "m", "values": self.bench.default_wavelengths_m.tolist()},
-                "limits": {"controls": [0.0, 1.0]}, "instruments": {"bench": "SHGBench (in-process)"},
-                "settings": {"attn_min_db": self.attn_min_db, "attn_max_db": self.attn_max_db}}
-
-    def run(self, controls):
-        x = np.asarray(controls, np.float64)
-        attn = self.attn_max_db * (1 - x) + self.attn_min_db * x
-        attn = np.round(attn / self.resolution_db) * self.resolution_db
-        power, _ = self.bench.measure_batch(attn)
-        return power.astype(np.float32)
-
 
 def emulated_rig(config_path: str):
     """The optical Rig of a config, its instruments served by emulators on free local ports."""
@@ -127,7 +93,9 @@ def main(argv=None) -> int:
     try:
         for k, n in enumerate(args.sizes):
             if emulators is None:  # a fresh bench per size: every sweep starts from the nominal drift state
-                system = BenchPlant(seed=args.seed + k, attn_max_db=args.attn_max_db)
+                from labpnn.benches.optical import OpticalPhysics
+
+                system = OpticalPhysics(seed=args.seed + k, attn_max_db=args.attn_max_db)
             n_distinct = 32 if n < 2000 else 64
             repeats = (n_distinct, 4)
             n_cal = n - n_distinct * 4

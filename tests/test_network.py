@@ -125,3 +125,25 @@ def test_save_and_rebuild():
     again = network_from_state(net.config, net.state_dict())
     torch.testing.assert_close(again(x, toy_physics), net(x, toy_physics))
     assert isinstance(again, PhysicalNetwork)
+
+
+def test_bypassing_a_hidden_layer_passes_its_features_on_unchanged():
+    from labpnn.training.ablation import bypass_accuracies, forward_bypassing
+
+    net = build_network(64, 12, 7, layers=3, n_outputs=128, seed=3)
+    x = torch.randn(40, 12)
+    net.init_affine(x, toy_physics)
+    with torch.no_grad():
+        torch.testing.assert_close(forward_bypassing(net, x, toy_physics, set()), net(x, toy_physics))
+        skip0 = forward_bypassing(net, x, toy_physics, {0})  # layer 1 receives the raw features
+        expect = net.log_tau.exp() * (net.layers[2].pooled(net.layers[1](x, toy_physics), toy_physics) - net.mu) / net.sigma
+        torch.testing.assert_close(skip0, expect)
+    y = np.arange(40) % 7
+    report = bypass_accuracies(net, x.numpy(), y, toy_physics)
+    assert [r["bypassed"] for r in report] == [0, 1, "all hidden"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in report)
+    with pytest.raises(ValueError, match="cannot be bypassed"):  # the readout layer makes the class scores
+        forward_bypassing(net, x, toy_physics, {2})
+    assert bypass_accuracies(build_network(64, 12, 7, layers=1, n_outputs=128), x.numpy(), y, toy_physics) == []
+    wide = build_network(64, 12, 7, layers=2, hidden=16, n_outputs=128)  # 12 -> 16 features: no identity
+    assert bypass_accuracies(wide, x.numpy(), y, toy_physics)[0]["accuracy"] is None

@@ -184,3 +184,44 @@ def test_frozen_physical_parameters_stay_where_they_started():
     np.testing.assert_array_equal(frozen.network.layers[0].theta.detach().numpy(),
                                   fresh.layers[0].theta.detach().numpy())  # the same start, untouched (copied)
     assert frozen.settings["freeze_physical"] is True
+
+
+def test_online_twin_is_the_default_for_deep_pat(monkeypatch):
+    """Unset, ``online_twin`` is on for PAT with 2+ layers when the twin can be refined online (it
+    has ``snapshot``), off for one layer, for in-silico and for a twin that cannot be refined."""
+    import labpnn.twin.online as online
+
+    started = []
+
+    class Fitter:  # stands in for OnlineTwinFitter: records that `train` started one
+        def __init__(self, twin, **_):
+            self.twin = twin
+
+        def start(self):
+            started.append(self)
+
+        def feed(self, *_, **__):
+            pass
+
+        def drift(self, *_, **__):
+            pass
+
+        def stop(self):
+            pass
+
+    class RefinableTwin(RigTwin):
+        def snapshot(self):
+            return self
+
+    monkeypatch.setattr(online, "OnlineTwinFitter", Fitter)
+    ds = blob_dataset(0)
+    sim = SimTestRig(16, 64, noise=0.01, seed=0)
+    kw = dict(epochs=1, seed=0, batch_size=32, progress=False, drift_probe_rows=0)
+    assert train(sim, ds, method="pat", twin=RefinableTwin(sim), layers=2, **kw).settings["online_twin"] is True
+    assert len(started) == 1
+    assert train(sim, ds, method="pat", twin=RefinableTwin(sim), layers=1, **kw).settings["online_twin"] is False
+    assert train(sim, ds, method="insilico", twin=RefinableTwin(sim), layers=2, **kw).settings["online_twin"] is False
+    assert train(sim, ds, method="pat", twin=RigTwin(sim), layers=2, **kw).settings["online_twin"] is False
+    assert train(sim, ds, method="pat", twin=RefinableTwin(sim), layers=2, online_twin=False,
+                 **kw).settings["online_twin"] is False
+    assert len(started) == 1

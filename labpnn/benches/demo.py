@@ -32,7 +32,7 @@ def simulated_bench(bench: str = "optical", *, settle_s: float = 0.0, sweep_s: f
 
 
 def run_demo(out_dir: str | Path | None = None, *, bench: str = "optical", quick: bool = False, seed: int = 0,
-             layers: int = 1, epochs: int | None = None, online_twin: bool = False, settle_s: float = 0.0,
+             layers: int = 1, epochs: int | None = None, online_twin: bool | None = None, settle_s: float = 0.0,
              sweep_s: float = 0.0,
              progress: bool = True, dataset: str = "vowels", calibration_rows: int | None = None,
              twin_seconds: float | None = None) -> dict[str, Any]:
@@ -126,7 +126,8 @@ def cli_demo(parser: argparse.ArgumentParser):
     parser.add_argument("--layers", type=int, default=1, choices=(1, 2, 3))
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--online-twin", action="store_true", help="refine the twin online during PAT")
+    parser.add_argument("--online-twin", action=argparse.BooleanOptionalAction, default=None,
+                        help="refine the twin online during PAT (default: on with 2+ layers)")
     parser.add_argument("--settle-ms", type=float, default=0.0, help="shaper settle time per row (default 0)")
     parser.add_argument("--sweep-ms", type=float, default=0.0, help="OSA sweep time per row (default 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

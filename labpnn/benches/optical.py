@@ -60,6 +60,40 @@ def simulated_rig(*, settle_s: float = 0.0, sweep_s: float = 0.0, seed: int = 0,
         emulators.stop()
 
 
+class OpticalPhysics:
+    """The optical bench's physics alone as a `labpnn.contract.PhysicalSystem`, in-process (no
+    emulators, drivers or sockets: ~0.1 ms a row instead of ~10-25 ms), for benchmarks that need
+    many runs: controls in [0, 1] -> shaper attenuation ``attn_max (1 - x) + attn_min x`` dB on the
+    shaper's resolution grid, plus ``offset_db`` (an injected step) -> `SHGBench.measure_batch`
+    (noise and drift included) -> OSA power in W, as the rig reports it. Labelled in-process in
+    describe(); the emulated rig (`simulated_rig`) is what trains and tests use."""
+
+    def __init__(self, *, seed: int = 0, attn_min_db: float | None = None, attn_max_db: float | None = None,
+                 resolution_db: float | None = None, **config: Any):
+        from labpnn.sim_instruments.shg import OpticalBenchConfig, SHGBench
+
+        shaper = RIG["shaper"]
+        self.attn_min_db = shaper["attn_min_db"] if attn_min_db is None else attn_min_db
+        self.attn_max_db = shaper["attn_max_db"] if attn_max_db is None else attn_max_db
+        self.resolution_db = shaper["attn_resolution_db"] if resolution_db is None else resolution_db
+        self.bench = SHGBench(OpticalBenchConfig(seed=seed, **config))
+        self.offset_db = 0.0
+
+    def describe(self) -> dict[str, Any]:
+        cfg = self.bench.config
+        return {"name": "optical-physics-inprocess", "n_controls": cfg.n_channels, "n_outputs": cfg.n_pixels,
+                "axis": {"name": "wavelength", "unit": "m", "values": self.bench.default_wavelengths_m.tolist()},
+                "limits": {"controls": [0.0, 1.0]}, "instruments": {"bench": "SHGBench (in-process)"},
+                "settings": {"attn_min_db": self.attn_min_db, "attn_max_db": self.attn_max_db}}
+
+    def run(self, controls):
+        import numpy as np
+
+        x = np.asarray(controls, np.float64)
+        attn = np.round((self.attn_max_db * (1 - x) + self.attn_min_db * x) / self.resolution_db) * self.resolution_db
+        return self.bench.measure_batch(attn + self.offset_db)[0].astype(np.float32)
+
+
 class ServedCopy:
     """``labpnn sim optical --serve`` in a process of its own: one copy of the simulated bench behind
     a device server on a free loopback port (``address``), as a lab's second or third bench would

@@ -32,7 +32,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help="hybrid: a digital linear classifier on the last layer (a hybrid network)")
     parser.add_argument("--session", help="record every batch to this session file (HDF5)")
     parser.add_argument("--report", help="write report.json and PNGs to this directory")
-    parser.add_argument("--online-twin", action="store_true", help="refine the twin online from training batches")
+    parser.add_argument("--online-twin", action=argparse.BooleanOptionalAction, default=None,
+                        help="refine the twin online from training batches (default: on for PAT with 2+ layers)")
     parser.add_argument("--drift-probe-rows", type=int,
                         help="with --online-twin: rows re-measured to tell drift (default 4; 0: no drift alarms)")
     parser.add_argument("--drift-probe-every", type=int, help="re-measure them after every K-th training batch (4)")

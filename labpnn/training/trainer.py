@@ -29,8 +29,8 @@
 8. writes ``report.json`` and PNGs (learning curves, confusion matrix, twin vs measured traces) to
    ``report_dir``.
 
-``online_twin=True`` (PAT only) refines the twin in the background from every training batch
-measured (`labpnn.twin.online.OnlineTwinFitter`, fed without ever blocking the training loop; PAT's
+``online_twin=True`` (PAT only; the default for PAT with 2+ layers, off for 1) refines the twin in
+the background from every training batch measured (`labpnn.twin.online.OnlineTwinFitter`, fed without ever blocking the training loop; PAT's
 backward uses the newest snapshot through `labpnn.training.pat.LiveTwin`). Drift is told by probes
 (`labpnn.training.drift`): 4 rows of the first training batch re-measured after every 4th training
 batch (passes of kind ``probe``); when they change by more than ``drift_threshold`` x their repeat
@@ -194,7 +194,10 @@ class TrainSettings:
     control_range: tuple[float, float] = (0.0, 1.0)
     theta_init: tuple[float, float] = (0.0, 1.0)  #: initial parameters, uniform in this fraction of the range
     target: float = 0.95  #: validation accuracy whose first crossing is reported in training passes
-    online_twin: bool = False
+    #: refine the twin online from the training batches (`forwards`); None: on for PAT with 2+ physical
+    #: layers when the twin can be refined (a `labpnn.twin.Twin`) — the twin is calibrated where the initial network operates, and deeper layers' inputs move
+    #: away from there during training (3 layers, vowels, optical bench: 90.8 -> 93.8 %, +3.1 ± 0.5 paired, 5 seeds)
+    online_twin: bool | None = None
     chunk_rows: int = 0  #: PAT pipelining: rows per chunk (0: the whole minibatch in one pass)
     in_flight: int = 2  #: chunks in flight (worker threads) when chunk_rows > 0
     calibration_rows: int | None = None  #: the first calibration sweep
@@ -387,7 +390,7 @@ class _Named:
 # -- the training loop --------------------------------------------------------------------------------
 def train(system: PhysicalSystem, dataset: Dataset | str | Path = "vowels", *, method: str = "pat",
           twin=None, layers: int = 1, epochs: int | None = None, seed: int = 0, session: str | Path | None = None,
-          report_dir: str | Path | None = None, online_twin: bool = False, checkpoint: str | Path | None = None,
+          report_dir: str | Path | None = None, online_twin: bool | None = None, checkpoint: str | Path | None = None,
           resume: str | Path | None = None, progress: bool = True, calibration=None,
           announce: Callable[[str], None] | None = None, parallel: Solo | None = None, **options: Any) -> TrainResult:
     """Train a ``layers``-deep physical network on ``system`` (see the module docstring).
@@ -433,6 +436,9 @@ def train(system: PhysicalSystem, dataset: Dataset | str | Path = "vowels", *, m
             failed = exc
         if ranks := parallel.failed_ranks(failed is not None):  # nothing trained yet: stop, nothing to keep
             raise RunStopped(_failure_message(ranks, parallel, failed, "calibration"), failed=ranks) from failed
+        if settings.online_twin is None:  # the default: on for deep PAT, if the twin can be refined online
+            settings = run.settings = replace(settings, online_twin=settings.method == "pat" and settings.layers > 1
+                                              and hasattr(twin, "snapshot"))
         net.init_affine(run.X, TwinForward(twin), repool=settings.pooling)
         parallel.broadcast_(list(net.state_dict().values()))  # every rank starts from rank 0's network
         if net.placement is not None:
