@@ -193,6 +193,7 @@ class OnlineTwinFitter:
         self.writer = writer
         self.drifts: list[DriftAlarm | None] = []  #: drift notices received (``drift``), in order
         self.history: list[BatchScore] = []
+        self.dropped = 0  #: batches fed without blocking while the inbox was full (not learnt from)
         self._inbox: queue.Queue = queue.Queue(maxsize=queue_batches)
         self._buffer = _Buffer(buffer_rows, twin.n_controls, twin.n_outputs)
         self._regime_start = 0  #: global row index where the current (post-drift) regime begins
@@ -280,7 +281,10 @@ class OnlineTwinFitter:
         except queue.Full:
             with self._idle:
                 self._pending -= 1
-            log.warning("twin fitter queue full: dropped a batch of %d rows", len(x))
+            self.dropped += 1
+            if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:  # not one line per batch
+                log.warning("twin fitter queue full: dropped a batch of %d rows (%d batches so far; the fitter "
+                            "learns from the others)", len(x), self.dropped)
             return
         with self._idle:
             self._fed += 1
@@ -352,7 +356,8 @@ class OnlineTwinFitter:
     def stats(self) -> dict[str, Any]:
         return {"batches": self._n_batches, "rows": self._buffer.total, "steps": self.steps,
                 "version": self.version, "busy_s": self.busy_s, "noise_ratio": self.noise_ratio,
-                "adapting": self._adapting, "twin_poor": self._poor, "drifts": len(self.drifts), "noise_var": self.noise_var, "noise_model": self.noise_model}
+                "adapting": self._adapting, "twin_poor": self._poor, "drifts": len(self.drifts),
+                "dropped_batches": self.dropped, "noise_var": self.noise_var, "noise_model": self.noise_model}
 
     # -- internals -------------------------------------------------------------------------
     def _feed_rows(self, reader: Any, lo: int, hi: int, tags: set[str] | None) -> None:
