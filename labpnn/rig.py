@@ -155,7 +155,6 @@ class Rig:
         flags = np.zeros(n_rows, np.uint32)
         settle = max(a.settle_s for a in self.actuators)
         whole_a = len(self.actuators) == 1
-        whole_s = len(self.sensors) == 1
         acts = [(a.name, a.apply, cols) for a, cols in zip(self.actuators, self._slices, strict=True)]
         sens, start = [], 0
         for sensor in self.sensors:
@@ -185,13 +184,7 @@ class Rig:
                     if settle:
                         time.sleep(settle)
                     for name, acquire, cols in sens:  # noqa: B007
-                        trace, bits = acquire()
-                        if whole_s:
-                            traces[done] = trace
-                        else:
-                            traces[done, cols] = trace
-                        if bits:
-                            flags[done] |= bits
+                        _store_row(traces, flags, done, cols, *acquire())
                 except Exception as exc:
                     error = _row_failure(name, exc, done, n_rows)
                     self.safe_state()
@@ -231,7 +224,7 @@ class Rig:
         applied = batch.copy()
         stamps = np.empty(n_rows, np.float64)
         flags = np.zeros(n_rows, np.uint32)
-        whole_a, whole_s = len(self.actuators) == 1, len(self.sensors) == 1
+        whole_a = len(self.actuators) == 1
         acts = [(a.name, a.begin_apply, a.end_apply, a.end_verify, cols, a.settle_s)
                 for a, cols in zip(self.actuators, self._slices, strict=True)]
         preps = [(a.name, a.prepare, cols) for a, cols in zip(self.actuators, self._slices, strict=True)
@@ -252,13 +245,7 @@ class Rig:
         def fetch() -> None:
             nonlocal done, swept, name
             for name, _, _, fetch_one, cols in sens:  # noqa: B007 - `name` names a fault
-                trace, bits = fetch_one()
-                if whole_s:
-                    traces[done] = trace
-                else:
-                    traces[done, cols] = trace
-                if bits:
-                    flags[done] |= bits
+                _store_row(traces, flags, done, cols, *fetch_one())
             done, swept = done + 1, False
             if progress is not None:
                 name = ""  # not an instrument's fault: re-raised below, as from the row loop
@@ -375,6 +362,13 @@ class Rig:
                 except (ValueError, TypeError) as exc:
                     raise BadSetting(f"{name}: {exc}") from None
         return {name: self.instruments[name].settings() for name in settings}
+
+
+def _store_row(traces: np.ndarray, flags: np.ndarray, row: int, cols: slice, trace, bits: int) -> None:
+    """One sensor's trace and flags into row ``row`` (its columns ``cols``)."""
+    traces[row, cols] = trace
+    if bits:
+        flags[row] |= bits
 
 
 def _row_failure(instrument: str, exc: BaseException, done: int, n_rows: int) -> InstrumentFailure:

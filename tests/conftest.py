@@ -144,3 +144,14 @@ def assert_alive(server, token: str = "alive-check") -> None:
         peer.close()
     finally:
         context.term()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: two torch threads on a busy 2-core machine are 100x slower than one."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

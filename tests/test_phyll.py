@@ -29,14 +29,7 @@ from labpnn.training.phyll import (
     wrong_labels,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: two torch threads on a busy 2-core machine are 100x slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class SmoothSystem:

@@ -13,13 +13,7 @@ from labpnn.training.phyll import PhyLL
 from labpnn.training.reservoir import Reservoir, ReservoirSettings
 from labpnn.training.spsa import SPSA
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_every_method_says_what_it_is():

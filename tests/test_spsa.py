@@ -14,13 +14,7 @@ from labpnn.training.counting import PassCounter
 from labpnn.training.methods import Method, train_method
 from labpnn.training.spsa import SPSA, SPSASettings, rademacher, spall_gains, spsa_estimate
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_spall_gains_by_hand():

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -101,11 +106,6 @@ class ServedCopy:
 
     def __init__(self, copy_seed: int = 0, *, seed: int = 0, settle_ms: float = 0.0, sweep_ms: float = 0.0,
                  start_timeout_s: float = 60.0):
-        import re
-        import subprocess
-        import sys
-        import time
-
         self.copy_seed = copy_seed
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "labpnn", "sim", "optical", "--serve", "tcp://127.0.0.1:0", "--copy-seed",
@@ -122,8 +122,6 @@ class ServedCopy:
         raise RuntimeError(f"the simulated optical bench (copy {copy_seed}) did not start")
 
     def kill(self) -> None:
-        import signal
-
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)

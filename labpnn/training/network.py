@@ -42,7 +42,7 @@ classifier on the last layer's pooled features: a hybrid physical-digital networ
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -279,9 +279,12 @@ class PhysicalNetwork(nn.Module):
         kind = "physical" if self.readout == "physical" else "hybrid physical-digital"
         return f"{len(self.layers)}-layer {kind} network"
 
-    def forward(self, x: torch.Tensor, through: Through) -> torch.Tensor:
-        for layer in self.layers[:-1]:
-            x = layer(x, through)
+    def forward(self, x: torch.Tensor, through: Through, *, skip: Collection[int] = ()) -> torch.Tensor:
+        """Class scores. ``skip``: hidden layers replaced by the identity on their features
+        (`labpnn.training.ablation`: does every layer matter?)."""
+        for k, layer in enumerate(self.layers[:-1]):
+            if k not in skip:
+                x = layer(x, through)
         pooled = self.layers[-1].pooled(x, through)
         if self.readout == "physical":
             return self.log_tau.exp() * (pooled - self.mu) / self.sigma
