@@ -599,8 +599,6 @@ class _Run:
                  session: str | Path | None, full: Dataset | None = None, chosen=None, parallel: Solo | None = None):
         self.system, self.ds, self.settings, self.session = system, ds, settings, session
         self.parallel = parallel or Solo()
-        #: which rig this is (a data-parallel run's report lists them): the server's address, else its name
-        self.rig = str(getattr(system, "address", None) or system.describe().get("name", "rig"))
         self.digests: list[str] = []  #: data-parallel: the parameters' hash after every step
         self.full = full if full is not None else ds  #: the dataset before any feature reduction
         self.chosen = chosen
@@ -625,6 +623,8 @@ class _Run:
                                    if self.fitter is not None else None)
         self.physics = PhysicsForward(self.counter)
         self.describe = self.counter.describe()
+        #: which rig this is (a data-parallel run's report lists them): the server's address, else its name
+        self.rig = str(getattr(system, "address", None) or self.describe.get("name", "rig"))
         self.X, self.y = torch.from_numpy(ds.X_train), torch.from_numpy(ds.y_train)
 
     def __enter__(self) -> _Run:
