@@ -61,6 +61,16 @@ def load(name: str, seed: int):
                         name=name, seed=seed, source=f"scikit-learn load_{name}")
 
 
+def merge_runs(paths) -> list[dict]:
+    """The runs of several bench_datasets.json files, one per (dataset, variant, split): the last
+    file's wins."""
+    merged: dict[tuple, dict] = {}
+    for path in paths:
+        for r in json.loads(Path(path).read_text())["runs"]:
+            merged[(r["dataset"], r["variant"], r["split"])] = r
+    return list(merged.values())
+
+
 def mean_se(values):
     v = np.asarray(values, float)
     return float(v.mean()), (float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0)
@@ -72,7 +82,7 @@ def parse_extra(spec: str) -> dict:
     return {key.replace("-", "_"): parsed}
 
 
-def run_dataset(rig, name: str, args, log) -> list[dict]:
+def run_dataset(rig, name: str, args, log, save=None) -> list[dict]:
     from labpnn.training.trainer import (
         TrainSettings,
         calibrate_to_target,
@@ -94,12 +104,14 @@ def run_dataset(rig, name: str, args, log) -> list[dict]:
            "noise_ratio": fit["operating_noise_ratio"], "target_met": fit["target_met"]}
     log(f"{name}: twin on {cal['rows']} rows in {cal['rounds']} round(s), noise ratio {cal['noise_ratio']:.2f} "
         f"on the operating region ({cal['seconds']:.0f} s)")
-    variants = [("defaults", {})] + [(",".join(args.extra), {k: v for e in args.extra for k, v in parse_extra(e).items()})
-                                     if args.extra else None]
+    variants = ([] if args.skip_defaults else [("defaults", {})]) + (
+        [(",".join(args.extra), {k: v for e in args.extra for k, v in parse_extra(e).items()})] if args.extra else [])
     runs = []
     for split in range(args.splits):
         ds = load(name, split)
-        for label, extra in [v for v in variants if v is not None]:
+        for label, extra in variants:
+            if label != "defaults" and args.extra_splits is not None and split >= args.extra_splits:
+                continue
             t1 = time.perf_counter()
             r = train(rig, ds, method="pat", twin=twin, calibration=calibration, seed=split, progress=False,
                       **{**overrides, **extra})
@@ -121,6 +133,8 @@ def run_dataset(rig, name: str, args, log) -> list[dict]:
                 run["capacity"] = r_is.twin_test_accuracy
                 run["insilico_test"] = r_is.test_accuracy
             runs.append(run)
+            if save is not None:
+                save(runs)
             log(f"{name} split {split} {label}: test {run['test']:.3f} (twin-only {run['twin_test']:.3f}), logistic "
                 f"{run['logistic']:.3f}, worst recall {run['min_recall']:.2f}, {run['passes']} passes, "
                 f"{run['seconds']:.0f} s")
@@ -183,9 +197,20 @@ def main(argv=None) -> int:
                    help="a variant on the same splits and twin, e.g. layers=2 or readout=hybrid")
     p.add_argument("--capacity", action="store_true",
                    help="per split, also train in-silico (on the twin alone) to tell capacity from training")
+    p.add_argument("--extra-splits", type=int, help="run the --extra variant on the first N splits only")
+    p.add_argument("--skip-defaults", action="store_true", help="run only the --extra variant (the defaults' "
+                   "rows are in another run's JSON; merge them with --table)")
+    p.add_argument("--table", nargs="+", metavar="JSON", help="only print the table of these runs' JSON files "
+                   "(merged, in order; a later file's rows for the same dataset, variant and split replace "
+                   "an earlier one's)")
     p.add_argument("--quick", action="store_true", help="iris and wine, 1 split, 3 epochs, a small twin (CI)")
     p.add_argument("--out", default="runs/bench_datasets")
     args = p.parse_args(argv)
+    if args.table:
+        print(table(merge_runs(args.table)))
+        return 0
+    if args.skip_defaults and not args.extra:
+        p.error("--skip-defaults needs an --extra variant to run")
     if args.quick:
         args.datasets = [d for d in args.datasets if d in ("iris", "wine")] or ["iris", "wine"]
         args.splits, args.epochs = 1, args.epochs or 3
@@ -204,9 +229,12 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - started:6.0f} s] {msg}", flush=True)
 
     with simulated_rig(seed=0) as rig:
+        def save(runs_so_far):  # after every run: a stopped suite keeps what it measured
+            partial = {**results, "runs": results["runs"] + runs_so_far}
+            (out / "bench_datasets.json").write_text(json.dumps(partial, indent=2, default=str))
+
         for name in args.datasets:
-            results["runs"] += run_dataset(rig, name, args, log)
-            (out / "bench_datasets.json").write_text(json.dumps(results, indent=2, default=str))
+            results["runs"] += run_dataset(rig, name, args, log, save)
     results["seconds"] = time.perf_counter() - started
     (out / "bench_datasets.json").write_text(json.dumps(results, indent=2, default=str))
     print()
