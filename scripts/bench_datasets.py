@@ -1,4 +1,4 @@
-"""Generality suite: PAT on the physics (the simulated optical bench) vs a digital logistic
+"""Generality suite: PAT on the physics (the simulated optical bench; ``--bench``) vs a digital logistic
 regression on the same seeded splits, for datasets of many shapes, at the defaults
 (`labpnn.training.defaults`: everything chosen from the data and the bench).
 
@@ -124,7 +124,10 @@ def run_dataset(rig, name: str, args, log, save=None) -> list[dict]:
                    "features_used": r.dataset["n_features"], "calibration": cal,
                    "settings": {k: r.settings[k] for k in ("repeat", "layout", "batch_size", "lr", "epochs",
                                                           "lr_schedule", "features", "layers", "readout")},
-                   "placement_min_share": (min(r.readout_placement["shares"]) if r.readout_placement else None)}
+                   "placement_min_share": (min(r.readout_placement["shares"]) if r.readout_placement else None),
+                   # where training took the network: controls at the range's ends, the twin's error there
+                   "operating_point": next(({k: e[k] for k in ("first", "selected")} for e in r.events
+                                            if e["kind"] == "operating_point"), None)}
             if args.capacity and label == "defaults":
                 # the same network trained on the twin alone: what one layer of this bench (as its twin
                 # sees it) can do at these settings, whatever happens on the physics
@@ -189,6 +192,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", nargs="+", default=list(SUITE), choices=SUITE)
     p.add_argument("--splits", type=int, default=5)
+    p.add_argument("--bench", default="optical", help="the simulated bench (labpnn.benches): optical, "
+                   "acoustic (its in-process path) or microwave (its emulators, in their own process)")
     p.add_argument("--epochs", type=int, help="override the chosen epochs (default: the rule's)")
     p.add_argument("--calibration-rows", type=int, help="override the first sweep (default: the rule's)")
     p.add_argument("--calibration-budget", type=int, help="override the calibration budget (default: the rule's)")
@@ -218,7 +223,7 @@ def main(argv=None) -> int:
         args.twin_seconds = args.twin_seconds or 20.0
 
     torch.set_num_threads(1)
-    from labpnn.benches.optical import simulated_rig
+    from labpnn.benches import get_bench
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -228,7 +233,7 @@ def main(argv=None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - started:6.0f} s] {msg}", flush=True)
 
-    with simulated_rig(seed=0) as rig:
+    with get_bench(args.bench).simulated_rig(seed=0) as rig:
         def save(runs_so_far):  # after every run: a stopped suite keeps what it measured
             partial = {**results, "runs": results["runs"] + runs_so_far}
             (out / "bench_datasets.json").write_text(json.dumps(partial, indent=2, default=str))
@@ -238,7 +243,7 @@ def main(argv=None) -> int:
     results["seconds"] = time.perf_counter() - started
     (out / "bench_datasets.json").write_text(json.dumps(results, indent=2, default=str))
     print()
-    print(f"simulated optical bench (in process, zero latency), PAT at the chosen defaults, "
+    print(f"simulated {args.bench} bench, PAT at the chosen defaults, "
           f"{args.splits} split(s); total {results['seconds']:.0f} s")
     print(table(results["runs"]))
     return 0

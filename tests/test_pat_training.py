@@ -225,3 +225,28 @@ def test_online_twin_is_the_default_for_deep_pat(monkeypatch):
     assert train(sim, ds, method="pat", twin=RefinableTwin(sim), layers=2, online_twin=False,
                  **kw).settings["online_twin"] is False
     assert len(started) == 1
+
+
+def test_history_records_where_the_network_operates():
+    """Every epoch's validation records the share of controls at the range's ends and the twin's
+    error on the traces just measured: small for the rig's own map, large for a twin 50 % off."""
+    ds = blob_dataset(1)
+    sim = SimTestRig(16, 64, noise=0.01, seed=0)
+    exact = train(sim, ds, method="pat", twin=RigTwin(sim, gap=0.0), epochs=3, seed=1, progress=False)
+    wrong = train(sim, ds, method="pat", twin=RigTwin(sim, gap=0.5), epochs=3, seed=1, progress=False)
+    for run in (exact, wrong):
+        assert len(run.history) == 3
+        assert all(0.0 <= h["controls_at_edges"] <= 1.0 for h in run.history)
+    assert max(h["twin_error"] for h in exact.history) * 3 < min(h["twin_error"] for h in wrong.history)
+
+
+def test_operating_point_counts_controls_at_the_edges():
+    from labpnn.training.trainer import _Seen
+
+    seen = _Seen(lambda c: c * 2.0)
+    seen(torch.tensor([[0.0, 0.5, 1.0, 0.995], [0.2, 0.3, 0.011, 0.6]]))
+    point = seen.operating_point(lambda c: c * 2.0, (0.0, 1.0))
+    assert point["controls_at_edges"] == pytest.approx(3 / 8)  # 0.0, 1.0, 0.995 (0.011 is outside 1 %)
+    assert point["twin_error"] == pytest.approx(0.0, abs=1e-7)
+    assert seen.operating_point(lambda c: c * 3.0, (0.0, 1.0))["twin_error"] == pytest.approx(0.5, rel=1e-5)
+    assert _Seen(None).operating_point(None, (0.0, 1.0)) == {}

@@ -531,6 +531,38 @@ def _epoch(net, opt, run: _Run, forward, pool, state: _State, epoch: int) -> tup
     return loss_sum / len(perm), correct_sum / len(perm)
 
 
+class _Seen:
+    """The physics forward, keeping what it measured: the controls sent and the traces back."""
+
+    def __init__(self, physics):
+        self.physics, self.controls, self.traces = physics, [], []
+
+    def __call__(self, controls: torch.Tensor) -> torch.Tensor:
+        traces = self.physics(controls)
+        self.controls.append(controls.detach())
+        self.traces.append(traces.detach())
+        return traces
+
+    @torch.no_grad()
+    def operating_point(self, twin, control_range) -> dict[str, float]:
+        """Where the network operates, measured on the rows seen (every layer's): ``controls_at_edges``,
+        the share of controls within 1 % of the ends of the control range (saturated encodings, or
+        parameters pushed to a limit), and ``twin_error``, the twin's RMS error on those traces
+        relative to their RMS (no physical pass: the traces are the ones just measured). A twin
+        error that grows during training while the validation accuracy stalls says training has
+        carried the network where its twin no longer knows the physics."""
+        if not self.controls:
+            return {}
+        c, t = torch.cat(self.controls), torch.cat(self.traces)
+        lo, hi = control_range
+        margin = 0.01 * (hi - lo)
+        out = {"controls_at_edges": float(((c <= lo + margin) | (c >= hi - margin)).float().mean())}
+        if twin is not None:
+            err = (twin(c).to(t) - t).pow(2).mean().sqrt() / t.pow(2).mean().sqrt().clamp_min(1e-30)
+            out["twin_error"] = float(err)
+        return out
+
+
 def _failure_message(ranks: list[int], parallel: Solo, failed: BaseException | None, where: str) -> str:
     if failed is not None:
         return f"rig of rank {parallel.rank} failed in {where}: {type(failed).__name__}: {failed}"
@@ -580,7 +612,8 @@ class _State:
         self.epoch = epoch
         self.history.append({"epoch": epoch, "train_loss": loss, "train_acc": acc, "val_acc": val_acc,
                              "val_loss": val_loss, "train_passes": passes["train"],
-                             "eval_passes": passes["validation"], "seconds": time.perf_counter() - run.started})
+                             "eval_passes": passes["validation"], "seconds": time.perf_counter() - run.started,
+                             **run.operating})
         if self.passes_to_target is None and val_acc >= run.settings.target:
             self.passes_to_target = passes["train"]
         if val_acc > self.best["acc"] or (val_acc == self.best["acc"] and val_loss < self.best["loss"]):
@@ -607,6 +640,8 @@ class _Run:
         self.events: list[dict[str, Any]] = []
         self.writer = None
         self.fitter = None
+        self.live_twin = None  #: the twin training steps use (`forwards`), for the operating-point figures
+        self.operating: dict[str, float] = {}  #: the last validation's operating point (`_Seen.operating_point`)
         self.twin_fit: dict[str, Any] | None = None
         self.base_twin = None
         base: PhysicalSystem = system
@@ -680,13 +715,14 @@ class _Run:
         online fitter's newest twin when ``online_twin``) or the twin alone (in-silico)."""
         settings = self.settings
         live_twin: nn.Module = twin
+        self.live_twin = live_twin
         self.drift, on_train = None, self.counter.on_train
         if settings.online_twin and settings.method == "pat":
             from labpnn.training.drift import DriftProbe
             from labpnn.twin.online import OnlineTwinFitter
 
             fitter = self.fitter = OnlineTwinFitter(twin, writer=self.writer, replay=calibration, seed=settings.seed)
-            live_twin = LiveTwin(self.fitter)
+            live_twin = self.live_twin = LiveTwin(self.fitter)
             self.fitter.start()
             self.event("online_twin", "online twin refinement on")
             if settings.drift_probe_rows > 0:  # the physics' drift is told by repeated rows, not by the twin's error
@@ -722,9 +758,11 @@ class _Run:
         rank selects the same model, and the model selected is judged on its worst rig)."""
         failed = None
         acc = loss = math.nan
+        seen = _Seen(self.physics)
         try:
             with self.counter.counting("validation"):
-                acc, loss, _ = evaluate(net, self.ds.X_val, self.ds.y_val, self.physics, batch=self.settings.eval_batch)
+                acc, loss, _ = evaluate(net, self.ds.X_val, self.ds.y_val, seen, batch=self.settings.eval_batch)
+            self.operating = seen.operating_point(self.live_twin, self.settings.control_range)
         except Exception as exc:  # noqa: BLE001 — as in a training step: stop every rank cleanly
             log.exception("rank %d: the rig failed during validation", self.parallel.rank)
             failed = exc
@@ -764,6 +802,13 @@ class _Run:
 
         settings, ds, counter, parallel = self.settings, self.ds, self.counter, self.parallel
         net.load_state_dict(state.best["state"])
+        first, best = (state.history[0] if state.history else {}), next(
+            (h for h in state.history if h["epoch"] == state.best["epoch"]), {})
+        if "twin_error" in first and "twin_error" in best:
+            self.event("operating_point", f"epoch {first['epoch']} -> selected epoch {best['epoch']}: controls at "
+                       f"the range's ends {first['controls_at_edges']:.0%} -> {best['controls_at_edges']:.0%}, the "
+                       f"twin's error on the validation traces {first['twin_error']:.3f} -> {best['twin_error']:.3f}"
+                       " (RMS, relative; it includes the repeat noise)", first=first, selected=best)
         capture = FirstMeasurement(counter)
         try:
             with counter.counting("test"):
