@@ -160,6 +160,34 @@ def quantised_input_baseline(net, ds) -> float:
     return float(clf.score(bits(ds.X_test), ds.y_test))
 
 
+def encoding_capacity(splits: int = 5, shapes=((12, 1), (12, 2), (12, 3), (8, 2), (6, 2), (5, 3), (4, 4))) -> list[dict]:
+    """What binary meta-atoms can carry of the vowels, before any physics: a digital logistic
+    regression on the bits a thermometer code puts on the atoms (features reduced by PCA to F, each
+    on ``a`` atoms with thresholds at the training split's quantiles 1/(a+1) ... a/(a+1) — what a
+    network's per-atom affine map before the quantiser can learn), over seeded splits. An upper
+    bound a network on that encoding can hope for with a linear readout."""
+    from sklearn.linear_model import LogisticRegression
+
+    from labpnn.training.datasets import load_dataset, reduce_features
+
+    rows = []
+    for features, atoms in shapes:
+        accs = []
+        for seed in range(splits):
+            ds = reduce_features(load_dataset("vowels", seed=seed), features)
+            q = np.quantile(ds.X_train, np.arange(1, atoms + 1) / (atoms + 1), axis=0)  # [atoms, F]
+
+            def bits(X, q=q):
+                return np.concatenate([(level < X).astype(np.float32) for level in q], 1)
+
+            clf = LogisticRegression(max_iter=5000).fit(bits(ds.X_train), ds.y_train)
+            accs.append(clf.score(bits(ds.X_test), ds.y_test))
+        m, se = mean_se(accs)
+        rows.append({"features": features, "atoms_per_feature": atoms, "input_atoms": features * atoms,
+                     "logistic_mean": m, "logistic_se": se, "splits": splits})
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=5)
@@ -172,8 +200,18 @@ def main(argv=None) -> int:
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--encoding-capacity", action="store_true",
+                   help="only the encodings' capacity: a logistic regression on the atoms' bits (no physics)")
     p.add_argument("--out", default="runs/bench_microwave")
     args = p.parse_args(argv)
+    if args.encoding_capacity:
+        print("vowels on binary atoms, before any physics: logistic regression on thermometer-coded bits "
+              f"({args.seeds} splits)")
+        print(f"{'features':>9} {'atoms each':>11} {'input atoms':>12} {'logistic':>16}")
+        for r in encoding_capacity(args.seeds):
+            print(f"{r['features']:>9} {r['atoms_per_feature']:>11} {r['input_atoms']:>12} "
+                  f"{100 * r['logistic_mean']:>9.1f} ± {100 * r['logistic_se']:.1f} %")
+        return 0
     if args.quick:
         args.seeds, args.epochs, args.calibration_rows, args.twin_seconds, args.rows = 1, 3, 600, 15.0, 16
     report: dict = {"args": vars(args), "load": os.getloadavg()}
