@@ -156,8 +156,12 @@ def note(rs: list[dict]) -> str:
         missed.append("a class's recall < 50 %")
     if not missed:
         return "goals met"
-    if not capacity:
-        return f"MISSED ({', '.join(missed)}); run with --capacity to tell capacity from training"
+    if not capacity:  # the PAT network on its own twin: did it learn the task there at least?
+        on_twin = float(np.mean([r["twin_test"] for r in rs]))
+        why = (f"as low on its own twin ({100 * on_twin:.0f} %): not learnt (capacity or training; --capacity "
+               "tells which)" if base - on_twin > 0.05
+               else f"{100 * on_twin:.0f} % on its own twin: lost between twin and physics")
+        return f"MISSED ({', '.join(missed)}); {why}"
     cap = float(np.mean(capacity))
     why = (f"capacity: trained on its twin alone it reaches only {100 * cap:.0f} %" if base - cap > 0.05
            else f"not capacity (on its twin alone {100 * cap:.0f} %): PAT does not carry it to the physics")
@@ -172,6 +176,8 @@ def table(runs: list[dict]) -> str:
     for r in runs:
         if (r["dataset"], r["variant"]) not in keys:
             keys.append((r["dataset"], r["variant"]))
+    order = list(dict.fromkeys(name for name, _ in keys))  # a dataset's variants right after its defaults
+    keys.sort(key=lambda k: (order.index(k[0]), k[1] != "defaults"))
     for name, variant in keys:
         rs = [r for r in runs if r["dataset"] == name and r["variant"] == variant]
         m, se = mean_se([r["test"] for r in rs])
