@@ -158,11 +158,10 @@ def note(rs: list[dict]) -> str:
         return "goals met"
     if not capacity:  # the PAT network on its own twin: did it learn the task there at least?
         on_twin = float(np.mean([r["twin_test"] for r in rs]))
-        if on_twin < m - 0.05:
-            why = f"lower on its own twin ({100 * on_twin:.0f} %) than on the physics: the twin is the weaker model"
-        elif base - on_twin > 0.05:
-            why = (f"as low on its own twin ({100 * on_twin:.0f} %): not learnt (capacity or training; --capacity "
-                   "tells which)")
+        if base - on_twin > 0.05:
+            lower = " - lower than on the physics: the twin is the weaker model there" if on_twin < m - 0.05 else ""
+            why = (f"as low on its own twin ({100 * on_twin:.0f} %{lower}): not learnt (capacity or training; "
+                   "--capacity tells which)")
         else:
             why = f"{100 * on_twin:.0f} % on its own twin: lost between twin and physics"
         return f"MISSED ({', '.join(missed)}); {why}"
