@@ -715,14 +715,13 @@ class _Run:
         online fitter's newest twin when ``online_twin``) or the twin alone (in-silico)."""
         settings = self.settings
         live_twin: nn.Module = twin
-        self.live_twin = live_twin
         self.drift, on_train = None, self.counter.on_train
         if settings.online_twin and settings.method == "pat":
             from labpnn.training.drift import DriftProbe
             from labpnn.twin.online import OnlineTwinFitter
 
             fitter = self.fitter = OnlineTwinFitter(twin, writer=self.writer, replay=calibration, seed=settings.seed)
-            live_twin = self.live_twin = LiveTwin(self.fitter)
+            live_twin = LiveTwin(self.fitter)
             self.fitter.start()
             self.event("online_twin", "online twin refinement on")
             if settings.drift_probe_rows > 0:  # the physics' drift is told by repeated rows, not by the twin's error
@@ -735,6 +734,7 @@ class _Run:
                 self.event("drift_probes", f"drift probes: {settings.drift_probe_rows} rows of the first training "
                            f"batch, re-measured after every {every} training batches (threshold "
                            f"{settings.drift_threshold:g} x the repeat noise)")
+        self.live_twin = live_twin
         pool = (ThreadPoolExecutor(max_workers=max(1, settings.in_flight), thread_name_prefix="pat-chunk")
                 if settings.method == "pat" and settings.chunk_rows > 0 else None)
         try:
