@@ -68,6 +68,13 @@ def test_pooling_from_traces_equal_mass_inside_the_signal_window():
     assert np.ptp(np.diff(width)) <= 1
 
 
+def test_pooling_from_traces_many_bins_on_few_uneven_outputs_stay_inside():
+    # 12 bins on 20 outputs whose mass sits in a few: pushing edges apart must not run past the end
+    trace = np.array([5, 0.1, 0.1, 9, 0.1, 0.1, 8, 0.1, 0.1, 0.1, 7, 0.1, 0.1, 0.1, 0.1, 6, 0.1, 0.1, 0.1, 5.0])
+    edges = Pooling.from_traces(trace, 12).edges.numpy()
+    assert edges[0] == 0 and edges[-1] == 20 and np.all(np.diff(edges) >= 1)
+
+
 def test_controls_always_inside_the_control_range():
     pool = Pooling.equal_width(128, 7)
     for encoding in ("sigmoid", "clamp"):

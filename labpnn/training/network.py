@@ -132,7 +132,7 @@ class Pooling(nn.Module):
         targets = np.linspace(0, cum[-1], n_bins + 1)[1:-1]
         inner = lo + np.searchsorted(cum, targets)
         edges = np.concatenate([[lo], inner, [hi]]).astype(np.int64)
-        for k in range(1, len(edges)):  # at least one pixel per bin
+        for k in range(1, len(edges) - 1):  # at least one pixel per bin; the window's end stays put
             edges[k] = max(edges[k], edges[k - 1] + 1)
         for k in range(len(edges) - 2, -1, -1):
             edges[k] = min(edges[k], edges[k + 1] - 1)
