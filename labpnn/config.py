@@ -181,6 +181,8 @@ class NetworkDefaults(Strict):
     repeat: int | None = Field(None, ge=1, le=64)  #: control channels per input feature
     layout: str | None = None  #: `labpnn.training.network.assign_channels` layout
     pooling: str | None = None
+    #: the twin's core (`labpnn.twin.model.CORES`): "modulus" for magnitudes of coherent fields
+    twin_core: Literal["residual_mlp", "modulus"] | None = None
 
 
 class RigConfig(Strict):

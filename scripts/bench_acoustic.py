@@ -100,16 +100,17 @@ def accuracy(args) -> dict:
 
     from labpnn.benches import get_bench
     from labpnn.training.datasets import load_dataset, logistic_baseline
-    from labpnn.training.trainer import calibrate_and_fit, train
+    from labpnn.training.trainer import TrainSettings, calibrate_and_fit, resolve_settings, train
 
     torch.set_num_threads(1)
     out: dict = {"runs": []}
     opts = dict(repeat=1, layout="blocks", lr=args.lr)
     with get_bench("acoustic").simulated_rig() as rig:
         t0 = time.perf_counter()
+        core = args.twin_core or resolve_settings(TrainSettings(), rig.describe(), load_dataset("vowels"))[0].twin_core
         twin, fit, calibration = calibrate_and_fit(rig, args.calibration_rows, seed=0, twin_seconds=args.twin_seconds,
-                                                   progress=not args.quiet)
-        out["twin"] = {"rows": int(len(calibration[0])), "seconds": time.perf_counter() - t0,
+                                                   twin_core=core, progress=not args.quiet)
+        out["twin"] = {"core": core, "rows": int(len(calibration[0])), "seconds": time.perf_counter() - t0,
                        "noise_ratio": fit.get("noise_ratio"), "holdout_r2": fit.get("holdout_r2")}
         print(f"twin: {out['twin']}", flush=True)
         for seed in range(args.seeds):
@@ -136,6 +137,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--calibration-rows", type=int, default=4000)
     p.add_argument("--twin-seconds", type=float, default=90.0)
+    p.add_argument("--twin-core", choices=["residual_mlp", "modulus"], default=None,
+                   help="the twin's core (default: the bench's, from its [network] table)")
     p.add_argument("--rows", type=int, default=24, help="rows through the real audio path")
     p.add_argument("--skip-real", action="store_true")
     p.add_argument("--skip-accuracy", action="store_true")

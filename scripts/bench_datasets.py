@@ -99,7 +99,7 @@ def run_dataset(rig, name: str, args, log, save=None) -> list[dict]:
     twin, fit, calibration = calibrate_to_target(
         rig, args.calibration_rows or settings.calibration_rows, centres=centres, target=settings.twin_target,
         budget=args.calibration_budget or settings.calibration_budget,
-        twin_seconds=args.twin_seconds or settings.twin_seconds, seed=0)
+        twin_seconds=args.twin_seconds or settings.twin_seconds, twin_core=settings.twin_core, seed=0)
     cal = {"rows": fit["rows_measured"], "seconds": time.perf_counter() - t0, "rounds": len(fit["rounds"]),
            "noise_ratio": fit["operating_noise_ratio"], "target_met": fit["target_met"]}
     log(f"{name}: twin on {cal['rows']} rows in {cal['rounds']} round(s), noise ratio {cal['noise_ratio']:.2f} "

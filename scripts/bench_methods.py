@@ -191,7 +191,8 @@ def shared_calibration(rig, ds, split: int, max_depth: int, args) -> tuple[Any, 
     started = time.perf_counter()
     with counter.counting("calibration"):
         twin, fit, calibration = calibrate_to_target(counter, rows, centres=centres, target=st.twin_target,
-                                                     budget=budget, seed=split, twin_seconds=twin_seconds)
+                                                     budget=budget, seed=split, twin_seconds=twin_seconds,
+                                                     twin_core=st.twin_core)
     info = {"passes": int(counter.passes["calibration"]), "seconds": time.perf_counter() - started,
             "rows": rows, "budget": budget, "twin_seconds": twin_seconds, "target": st.twin_target,
             "operating_noise_ratio": fit.get("operating_noise_ratio"), "target_met": fit.get("target_met"),

@@ -29,6 +29,17 @@ def test_the_example_is_the_bench_rig():
     assert load_config(REPO / "examples" / "acoustic-sim.toml").network.model_dump(exclude_none=True) == bench.NETWORK
 
 
+def test_the_bench_names_its_twin_core_and_the_defaults_take_it():
+    from labpnn.training.defaults import choose_defaults
+
+    with get_bench("acoustic").simulated_rig() as rig:
+        describe = rig.describe()
+    chosen = {c.name: c for c in choose_defaults(describe, n_features=12, n_classes=7, n_train=300).choices}
+    assert (chosen["twin_core"].value, chosen["twin_core"].source) == ("modulus", "bench")
+    generic = choose_defaults({"n_controls": 20, "n_outputs": 20}, n_features=12, n_classes=7, n_train=300)
+    assert {c.name: c.value for c in generic.choices}["twin_core"] == "residual_mlp"
+
+
 def test_the_in_process_path_is_labelled_and_shots_have_no_memory():
     x = np.random.default_rng(0).random((6, 20), dtype=np.float32)
     with get_bench("acoustic").simulated_rig(seed=1, drift_scale=0.0) as rig:

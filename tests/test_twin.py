@@ -117,16 +117,50 @@ def test_fit_recovers_a_known_smooth_map():
     assert twin.meta["split"]["holdout"][-1][1] == len(X)  # the latest rows
 
 
-@pytest.mark.parametrize("block", ["gated", "mlp"])
-def test_checkpoint_round_trip(tmp_path, block):
+def interference_data(n: int, seed: int = 0, sigma: float = 1e-3):
+    """Magnitudes of a field linear in 8 controls at 10 outputs, as a microphone reads a tone that
+    several speakers play (mixed signs: the fields cancel in places), repeats in the middle."""
+    rng = np.random.default_rng(seed)
+    h = rng.standard_normal((8, 10)) + 1j * rng.standard_normal((8, 10))
+    b = 0.5 * (rng.standard_normal(10) + 1j * rng.standard_normal(10))
+    x = rng.random((n, 8)).astype(np.float32)
+    rep = np.tile(rng.random((20, 8)).astype(np.float32), (5, 1))
+    X = np.concatenate([x[: n // 2], rep, x[n // 2:]])
+    mask = np.r_[np.zeros(n // 2, bool), np.ones(len(rep), bool), np.zeros(n - n // 2, bool)]
+    Y = np.abs(X @ h + b) + sigma * rng.standard_normal((len(X), 10))
+    return X, Y.astype(np.float32), mask
+
+
+@pytest.mark.slow
+def test_modulus_core_fits_interference_closer_than_the_generic_mlp():
+    X, Y, mask = interference_data(1500, sigma=0.03)
+    common = dict(noise_mask=mask, epochs=150, batch_size=64, max_seconds=None, progress=False, seed=0)
+    torch.manual_seed(0)
+    _, generic = fit_twin(X, Y, **common)
+    torch.manual_seed(0)
+    twin, modulus = fit_twin(X, Y, core="modulus", **common)
+    assert twin.core_spec == {"kind": "modulus", "width": 16, "depth": 1, "block": "gated"}
+    assert twin.features.kind == "linear"
+    # the structure is the physics: closer to the noise floor on held-out rows, in the same epochs
+    # (measured: noise ratio 1.5 vs 2.8 at 1,500 rows)
+    assert modulus.noise_ratio < 0.75 * generic.noise_ratio, (modulus.noise_ratio, generic.noise_ratio)
+
+
+def test_unknown_twin_core_is_refused():
+    with pytest.raises(ValueError, match="unknown twin core"):
+        Twin(4, 4, core="fourier")
+
+
+@pytest.mark.parametrize("core, block", [("residual_mlp", "gated"), ("residual_mlp", "mlp"), ("modulus", "gated")])
+def test_checkpoint_round_trip(tmp_path, core, block):
     X, Y, mask = smooth_data(600)
-    twin, report = fit_twin(X, Y, noise_mask=mask, width=32, depth=1, block=block, epochs=3, max_seconds=None,
-                            progress=False, meta={"note": "round trip"})
+    twin, report = fit_twin(X, Y, noise_mask=mask, core=core, width=32, depth=1, block=block, epochs=3,
+                            max_seconds=None, progress=False, meta={"note": "round trip"})
     path = save_twin(twin, tmp_path / "twin.pt")
     # loads with weights_only=True: no pickled code in the file
     raw = torch.load(path, weights_only=True)
     assert raw["format"] == "labpnn-twin/1" and raw["config"]["core"] == {
-        "kind": "residual_mlp", "width": 32, "depth": 1, "block": block}
+        "kind": core, "width": 32, "depth": 1, "block": block}
     back = load_twin(path)
     x = torch.rand(64, C)
     with torch.no_grad():

@@ -43,7 +43,13 @@ def run_demo(out_dir: str | Path | None = None, *, bench: str = "optical", quick
     from labpnn.remote.server import DeviceServer
     from labpnn.sessions import SessionWriter, provenance
     from labpnn.training.datasets import load_dataset
-    from labpnn.training.trainer import TrainSettings, calibrate_and_fit, operating_controls, train
+    from labpnn.training.trainer import (
+        TrainSettings,
+        calibrate_and_fit,
+        operating_controls,
+        resolve_settings,
+        train,
+    )
     from labpnn.twin import save_twin
 
     out = Path(out_dir or Path("runs") / f"demo-{datetime.now():%Y%m%d-%H%M%S}")
@@ -66,7 +72,8 @@ def run_demo(out_dir: str | Path | None = None, *, bench: str = "optical", quick
             t0 = time.perf_counter()
             twin, fit, calibration = calibrate_and_fit(
                 client, cal_rows, writer=writer, centres=operating_controls(client, ds, settings), seed=seed,
-                twin_seconds=twin_seconds, progress=progress)
+                twin_seconds=twin_seconds, twin_core=resolve_settings(settings, client.describe(), ds)[0].twin_core,
+                progress=progress)
         finally:
             writer.close()
         save_twin(twin, out / "twin.pt")

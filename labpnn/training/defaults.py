@@ -35,6 +35,8 @@ The rules (C control channels, F features, K classes, N training rows):
   network sends; 1.0 is the noise floor) 1.5, **calibration_budget** 3x calibration_rows: the
   twin is refitted with more rows measured there until it reaches the target or the budget.
 - **twin_seconds**: 120 s of fitting per round.
+- **twin_core**: the generic ``residual_mlp``, unless the bench names a core that knows its physics
+  (the acoustic bench: ``modulus``, magnitudes of a field linear in the tone amplitudes).
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ BUDGET_FACTOR = 3
 
 #: the settings this module chooses (`TrainSettings` fields plus ``features``)
 CHOSEN = ("features", "repeat", "layout", "pooling", "batch_size", "lr", "epochs", "lr_schedule",
-          "calibration_rows", "calibration_budget", "twin_target", "twin_seconds")
+          "calibration_rows", "calibration_budget", "twin_target", "twin_seconds", "twin_core")
 
 
 @dataclass(frozen=True)
@@ -173,5 +175,7 @@ def choose_defaults(describe: Mapping[str, Any], *, n_features: int, n_classes: 
     pick("twin_target", TWIN_TARGET, "held-out noise ratio (MSE / repeat variance; 1.0 = the floor) on rows "
          "near the controls the network sends; above it, more rows there and a refit")
     pick("twin_seconds", 120.0, "fitting time per round")
+    pick("twin_core", "residual_mlp", "a generic gated residual MLP (the bench's [network] table may name one that "
+         "knows its physics, e.g. modulus for magnitudes of coherent fields)")
     del n_outputs  # described for completeness: bins are placed on the measured trace, not on a count
     return Defaults(tuple(out))

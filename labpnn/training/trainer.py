@@ -101,7 +101,7 @@ def _bar(total: int, desc: str, unit: str, enabled: bool):
 
 def calibrate_and_fit(system: PhysicalSystem, n_rows: int, *, writer=None, centres: np.ndarray | None = None,
                       near_fraction: float = 0.5, jitter: float = 0.08, seed: int = 0, twin_seconds: float = 120.0,
-                      progress: bool = False):
+                      twin_core: str = "residual_mlp", progress: bool = False):
     """Measure a calibration sweep (``labpnn.twin.calibrate``: uniform rows, plus ``near_fraction`` of
     them jittered around ``centres`` — the controls the initial network sends — and repeats for
     the noise floor) and fit a twin to it. Returns ``(twin, fit report dict, (controls, traces))``."""
@@ -113,7 +113,7 @@ def calibrate_and_fit(system: PhysicalSystem, n_rows: int, *, writer=None, centr
                     progress=progress, keep_data=True)
     noise = cal.tags == "noise"
     twin, report = fit_twin(cal.controls, cal.traces, noise_mask=noise, noise_var=cal.noise_var,
-                            max_seconds=twin_seconds, seed=seed, progress=progress)
+                            max_seconds=twin_seconds, seed=seed, core=twin_core, progress=progress)
     fit = {k: v for k, v in report.to_dict().items() if k not in ("history", "data")}
     return twin, fit, (cal.controls, cal.traces)
 
@@ -121,7 +121,7 @@ def calibrate_and_fit(system: PhysicalSystem, n_rows: int, *, writer=None, centr
 def calibrate_to_target(system: PhysicalSystem, n_rows: int, *, centres: np.ndarray, target: float = 1.5,
                         budget: int | None = None, writer=None, seed: int = 0, twin_seconds: float = 120.0,
                         probe_rows: int = 256, near_fraction: float = 0.5, jitter: float = 0.08,
-                        progress: bool = False):
+                        twin_core: str = "residual_mlp", progress: bool = False):
     """`calibrate_and_fit`, then judged where training will operate: ``probe_rows`` fresh rows
     near ``centres`` (the controls the network sends; never fitted on before they are judged),
     their noise ratio = twin MSE / the noise the repeats predict at their brightness
@@ -143,7 +143,7 @@ def calibrate_to_target(system: PhysicalSystem, n_rows: int, *, centres: np.ndar
     rounds: list[dict[str, Any]] = []
     for k in range(1, 100):
         twin, report = fit_twin(controls, traces, noise_mask=noise, noise_var=cal.noise_var, max_seconds=twin_seconds,
-                                seed=seed + k - 1, progress=progress)
+                                seed=seed + k - 1, core=twin_core, progress=progress)
         probe = calibrate(system, probe_rows, writer, seed=seed + 1000 * k, sampler=sampler, sampler_fraction=1.0,
                           repeats=(0, 0), progress=False, keep_data=True)
         px, py = np.asarray(probe.controls, np.float32), np.asarray(probe.traces, np.float32)
@@ -204,6 +204,7 @@ class TrainSettings:
     calibration_budget: int | None = None  #: the most calibration rows measured to reach ``twin_target``
     twin_target: float | None = None  #: noise ratio on the operating region the twin is refitted toward
     twin_seconds: float | None = None
+    twin_core: str | None = None  #: `labpnn.twin.model.CORES`: "residual_mlp" | "modulus"
     eval_batch: int = 256
     max_train_passes: int | None = None  #: stop after the epoch that crosses this budget
     recalibration_rows: int = 128  #: rows measured near the operating point after a drift alarm
@@ -695,7 +696,7 @@ class _Run:
                 twin, self.twin_fit, calibration = calibrate_to_target(
                     cal_counter, st.calibration_rows, writer=self.writer, centres=_operating_controls(net, self.X),
                     target=st.twin_target, budget=st.calibration_budget, seed=st.seed,
-                    twin_seconds=st.twin_seconds, progress=progress)
+                    twin_seconds=st.twin_seconds, twin_core=st.twin_core, progress=progress)
             self.counter.passes["calibration"] += cal_counter.passes["calibration"]
             self.counter.busy_s["calibration"] += cal_counter.busy_s["calibration"]
             fit = self.twin_fit

@@ -13,7 +13,7 @@ imported on first use, so ``labpnn.twin.calibrate`` works without torch.
 from labpnn import lazy_exports
 
 EXPORTS = {
-    **dict.fromkeys(("FORMAT", "ControlFeatures", "GatedBlock", "ResidualMLP", "Twin", "jsonable", "load_twin",
+    **dict.fromkeys(("FORMAT", "ControlFeatures", "GatedBlock", "ModulusMLP", "ResidualMLP", "Twin", "jsonable", "load_twin",
                      "save_twin"), "labpnn.twin.model"),
     **dict.fromkeys(("FIT_TAGS", "NOISE_TAG", "FitReport", "SessionData", "TwinDataRefused", "fit_twin", "fit_twin_from_data",
                      "fit_twin_from_sessions", "load_sessions", "split_by_time", "train_twin"), "labpnn.twin.fit"),

@@ -3,7 +3,7 @@
 ::
 
     labpnn twin fit calib.h5 [more.h5 ...] -o twin.pt [--plot fit.png] [--json]
-                    [--width 256 --depth 3 --epochs 300 --max-seconds 120 --device cpu]
+                    [--core residual_mlp|modulus --width 256 --depth 3 --epochs 300 --max-seconds 120]
     labpnn twin eval twin.pt session.h5 [--tags train] [--json]
     labpnn twin show twin.pt [--json]
 """
@@ -25,11 +25,15 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="twin checkpoint to write (.pt)")
     p.add_argument("--tags", nargs="+", default=None,
                    help="row tags to fit on (default: calibration noise train other)")
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--core", default="residual_mlp", choices=["residual_mlp", "modulus"],
+                   help="residual_mlp (generic, default) or modulus (|a field linear in the controls| + a small "
+                        "MLP: for magnitudes of coherent fields, e.g. spectra at drive tones or |S21|)")
+    p.add_argument("--width", type=int, default=None, help="default: 256 (residual_mlp), 16 (modulus)")
+    p.add_argument("--depth", type=int, default=None, help="default: 2 (residual_mlp), 1 (modulus)")
     p.add_argument("--block", default="gated", choices=["gated", "mlp"], help="residual block type")
-    p.add_argument("--features", default="exp", choices=["exp", "linear"],
-                   help="control features: exp adds exp(-k x), exp(-k (1-x)) per channel (default)")
+    p.add_argument("--features", default=None, choices=["exp", "linear"],
+                   help="control features: exp adds exp(-k x), exp(-k (1-x)) per channel (default for "
+                        "residual_mlp); linear (default for modulus)")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--max-seconds", type=float, default=120.0, help="wall-clock budget of the fit")
     p.add_argument("--batch-size", type=int, default=128)
@@ -91,8 +95,8 @@ def _fit(args: argparse.Namespace) -> int:
     data = load_sessions(args.sessions, tags=tags)
     try:  # sessions recorded from a served twin are refused before anything is fitted
         twin, report = fit_twin_from_data(
-            data, tags=tags, allow_twin_data=args.allow_twin_data, width=args.width, depth=args.depth,
-            block=args.block, features=args.features, epochs=args.epochs,
+            data, tags=tags, allow_twin_data=args.allow_twin_data, core=args.core, width=args.width,
+            depth=args.depth, block=args.block, features=args.features, epochs=args.epochs,
             max_seconds=args.max_seconds, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
             patience=args.patience, holdout=args.holdout, val=args.val, loss=args.loss, device=args.device,
             seed=args.seed, progress=not args.no_progress,

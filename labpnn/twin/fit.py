@@ -285,12 +285,12 @@ def fit_twin(
     timestamps: Any = None,
     noise_mask: Any = None,
     noise_var: float | None = None,
-    width: int = 256,
-    depth: int = 2,
+    width: int | None = None,
+    depth: int | None = None,
     block: str = "gated",
     features: str | None = None,
     rates: Sequence[float] = (1.0, 3.0, 6.0),
-    core: nn.Module | None = None,
+    core: nn.Module | str | None = None,
     epochs: int = 100,
     max_seconds: float | None = 120.0,
     batch_size: int = 128,
@@ -319,8 +319,10 @@ def fit_twin(
     floor sigma^2 (unless ``noise_var`` is given), are trained on and never held out. Without
     either, repeated control vectors anywhere in the data are used for sigma^2 if there are any.
 
-    Model: `Twin` with ``features`` (default "exp" for the built-in core) and a `ResidualMLP` of
-    ``width`` x ``depth`` ``block``s, or a plugged-in ``core``. Training: Adam (``lr``, batch
+    Model: `Twin` with ``features`` (default "exp" for the residual MLP, else "linear") and the
+    core ``core`` names — ``"residual_mlp"`` (the default: a `ResidualMLP` of ``width`` x ``depth``
+    ``block``s) or ``"modulus"`` (`ModulusMLP`: magnitudes of a field linear in the controls, for
+    coherent systems read as magnitudes) — or a plugged-in module. Training: Adam (``lr``, batch
     ``batch_size``), warm-up + cosine decay over whichever runs out first of ``epochs`` and
     ``max_seconds`` (wall clock), gradient clipping, the best-validation weights kept, early
     stopping by ``patience`` (see `train_twin`). ``loss="raw"`` weights each pixel's normalised
@@ -376,7 +378,7 @@ def fit_twin(
     if loss == "raw":
         var = twin.out_std ** 2
         weight = var / var.mean()
-    settings = {"width": width, "depth": depth, "levels": twin.levels, "core": twin.core_spec, "features": twin.features.kind,
+    settings = {"width": twin.core_spec.get("width"), "depth": twin.core_spec.get("depth"), "levels": twin.levels, "core": twin.core_spec, "features": twin.features.kind,
                 "rates": list(twin.features.rates), "epochs": epochs,
                 "max_seconds": max_seconds, "batch_size": batch_size, "lr": lr,
                 "weight_decay": weight_decay, "patience": patience, "loss": loss, "ema": ema, "holdout": holdout,
