@@ -104,7 +104,7 @@ def accuracy(args) -> dict:
 
     torch.set_num_threads(1)
     out: dict = {"runs": []}
-    opts = dict(repeat=1, layout="blocks", lr=args.lr)
+    opts = dict(repeat=1, layout="blocks", lr=args.lr, readout=args.readout)
     with get_bench("acoustic").simulated_rig() as rig:
         t0 = time.perf_counter()
         core = args.twin_core or resolve_settings(TrainSettings(), rig.describe(), load_dataset("vowels"))[0].twin_core
@@ -118,6 +118,8 @@ def accuracy(args) -> dict:
             row = {"seed": seed, "logistic": logistic_baseline(ds)["test"]}
             for name, method, extra in (("pat", "pat", {}), ("insilico", "insilico", {}),
                                         ("pat_frozen", "pat", {"freeze_physical": True})):
+                if name not in args.methods:
+                    continue
                 try:
                     r = train(rig, ds, method=method, twin=twin, calibration=calibration, epochs=args.epochs, seed=seed,
                               progress=False, **opts, **extra)
@@ -140,6 +142,11 @@ def main(argv=None) -> int:
     p.add_argument("--twin-core", choices=["residual_mlp", "modulus"], default=None,
                    help="the twin's core (default: the bench's, from its [network] table)")
     p.add_argument("--rows", type=int, default=24, help="rows through the real audio path")
+    p.add_argument("--readout", choices=["physical", "hybrid"], default="physical",
+                   help="physical: the class is the argmax of pooled microphone readings; hybrid: a digital "
+                        "linear classifier on them (labelled so)")
+    p.add_argument("--methods", nargs="+", choices=["pat", "insilico", "pat_frozen"],
+                   default=["pat", "insilico", "pat_frozen"])
     p.add_argument("--skip-real", action="store_true")
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--quick", action="store_true")
@@ -162,8 +169,8 @@ def main(argv=None) -> int:
     if not args.skip_accuracy:
         report["accuracy"] = accuracy(args)
         runs = report["accuracy"]["runs"]
-        print(f"\nvowels on the simulated acoustic cavity, {len(runs)} split(s), test accuracy on the physics "
-              "(mean ± s.e.):")
+        print(f"\nvowels on the simulated acoustic cavity, {args.readout} readout, {len(runs)} split(s), test "
+              "accuracy on the physics (mean ± s.e.):")
         for key in ("pat", "insilico", "pat_frozen", "logistic"):
             vals = [r[key] for r in runs if r.get(key) is not None]
             if vals:

@@ -24,6 +24,8 @@ from a training one (it fits the twin, PAT does not carry it to the physics).
     python scripts/bench_datasets.py --quick                          # ~2-3 min: iris, wine, 1 split, short
     python scripts/bench_datasets.py --splits 5                       # everything (hours on 2 shared cores)
     python scripts/bench_datasets.py --datasets iris mc4x10 --splits 2 --extra layers=2 readout=hybrid
+    python scripts/bench_datasets.py --bench microwave --datasets vowels --splits 5 --skip-defaults \
+        --extra features=6 repeat=2 readout=hybrid --extra features=6 repeat=2 readout=hybrid freeze_physical=true
 """
 from __future__ import annotations
 
@@ -105,7 +107,7 @@ def run_dataset(rig, name: str, args, log, save=None) -> list[dict]:
     log(f"{name}: twin on {cal['rows']} rows in {cal['rounds']} round(s), noise ratio {cal['noise_ratio']:.2f} "
         f"on the operating region ({cal['seconds']:.0f} s)")
     variants = ([] if args.skip_defaults else [("defaults", {})]) + (
-        [(",".join(args.extra), {k: v for e in args.extra for k, v in parse_extra(e).items()})] if args.extra else [])
+        [(",".join(group), {k: v for e in group for k, v in parse_extra(e).items()}) for group in args.extra if group])
     runs = []
     for split in range(args.splits):
         ds = load(name, split)
@@ -207,8 +209,9 @@ def main(argv=None) -> int:
     p.add_argument("--calibration-rows", type=int, help="override the first sweep (default: the rule's)")
     p.add_argument("--calibration-budget", type=int, help="override the calibration budget (default: the rule's)")
     p.add_argument("--twin-seconds", type=float, help="override the fitting time per round (default: the rule's)")
-    p.add_argument("--extra", nargs="*", default=[],
-                   help="a variant on the same splits and twin, e.g. layers=2 or readout=hybrid")
+    p.add_argument("--extra", nargs="*", action="append", default=[],
+                   help="a variant on the same splits and twin, e.g. layers=2 or readout=hybrid; repeat "
+                        "--extra for several (e.g. the same with freeze_physical=true)")
     p.add_argument("--capacity", action="store_true",
                    help="per split, also train in-silico (on the twin alone) to tell capacity from training")
     p.add_argument("--extra-splits", type=int, help="run the --extra variant on the first N splits only")
@@ -223,7 +226,7 @@ def main(argv=None) -> int:
     if args.table:
         print(table(merge_runs(args.table)))
         return 0
-    if args.skip_defaults and not args.extra:
+    if args.skip_defaults and not any(args.extra):
         p.error("--skip-defaults needs an --extra variant to run")
     if args.quick:
         args.datasets = [d for d in args.datasets if d in ("iris", "wine")] or ["iris", "wine"]

@@ -155,6 +155,20 @@ def test_train_cli_in_process_rig(tmp_path, capsys):
     assert report["defaults"]["lr"]["source"] == "rule" and report["settings"]["lr"] == 0.05
 
 
+def test_train_cli_fits_the_twin_core_asked_for(tmp_path, capsys):
+    from labpnn.cli import main
+
+    X, y = blobs()
+    np.savez(tmp_path / "blobs.npz", X=X, y=y)
+    code = main(["train", "--config", "examples/test-rig.toml", "--dataset", str(tmp_path / "blobs.npz"),
+                 "--twin-core", "modulus", "--calibration-rows", "200", "--calibration-budget", "200",
+                 "--twin-seconds", "2", "--epochs", "1", "--report", str(tmp_path / "rep"), "--quiet"])
+    assert code == 0
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert report["defaults"]["twin_core"]["value"] == "modulus" and report["defaults"]["twin_core"]["source"] == "user"
+    assert report["twin_fit"]["settings"]["core"]["kind"] == "modulus"
+
+
 @pytest.mark.slow
 def test_demo_quick(tmp_path):
     from labpnn.benches.demo import run_demo

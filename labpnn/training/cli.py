@@ -49,6 +49,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--twin-target", type=float,
                         help="twin noise ratio on the operating region to reach (default 1.5; 1.0 = noise floor)")
     parser.add_argument("--twin-seconds", type=float, help="twin fitting time per round (without --twin; default 120)")
+    parser.add_argument("--twin-core", choices=("residual_mlp", "modulus"),
+                        help="the twin's core (without --twin; default: the bench's, else residual_mlp)")
     parser.add_argument("--hidden", type=int, help="pooled features between physical layers (default: as the input)")
     parser.add_argument("--features", type=int, help="input features (fewer: PCA on the training split; "
                         "default: all that fit in 60%% of the control channels)")
@@ -68,7 +70,7 @@ def training_options(args: argparse.Namespace) -> dict[str, Any]:
     opts = {"batch_size": args.batch_size, "lr": args.lr, "lr_schedule": args.lr_schedule, "readout": args.readout,
             "repeat": args.repeat, "features": args.features, "pooling": args.pooling,
             "calibration_rows": args.calibration_rows, "calibration_budget": args.calibration_budget,
-            "twin_target": args.twin_target, "twin_seconds": args.twin_seconds,
+            "twin_target": args.twin_target, "twin_seconds": args.twin_seconds, "twin_core": args.twin_core,
             "chunk_rows": args.chunk_rows, "in_flight": args.in_flight, "hidden": args.hidden}
     for name in ("drift_probe_rows", "drift_probe_every", "drift_threshold"):  # not chosen by the defaults
         if getattr(args, name) is not None:
