@@ -73,6 +73,12 @@ def test_pooling_from_traces_many_bins_on_few_uneven_outputs_stay_inside():
     trace = np.array([5, 0.1, 0.1, 9, 0.1, 0.1, 8, 0.1, 0.1, 0.1, 7, 0.1, 0.1, 0.1, 0.1, 6, 0.1, 0.1, 0.1, 5.0])
     edges = Pooling.from_traces(trace, 12).edges.numpy()
     assert edges[0] == 0 and edges[-1] == 20 and np.all(np.diff(edges) >= 1)
+    # the re-placement for a balanced readout, too: rows where the last outputs always win
+    rows = np.tile(trace, (50, 1)) * (1 + 0.1 * np.random.default_rng(0).standard_normal((50, 20)))
+    rows[:, -3:] *= 5
+    pool, report = Pooling.balanced(rows, 12)
+    edges = pool.edges.numpy()
+    assert report["replaced"] and edges[0] == 0 and edges[-1] == 20 and np.all(np.diff(edges) >= 1)
 
 
 def test_controls_always_inside_the_control_range():

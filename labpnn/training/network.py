@@ -131,12 +131,7 @@ class Pooling(nn.Module):
         cum = np.concatenate([[0.0], np.cumsum(trace[lo:hi])])
         targets = np.linspace(0, cum[-1], n_bins + 1)[1:-1]
         inner = lo + np.searchsorted(cum, targets)
-        edges = np.concatenate([[lo], inner, [hi]]).astype(np.int64)
-        for k in range(1, len(edges) - 1):  # at least one pixel per bin; the window's end stays put
-            edges[k] = max(edges[k], edges[k - 1] + 1)
-        for k in range(len(edges) - 2, -1, -1):
-            edges[k] = min(edges[k], edges[k + 1] - 1)
-        return cls(n, edges)
+        return cls(n, _one_pixel_apart(np.concatenate([[lo], inner, [hi]])))
 
 
     @classmethod
@@ -178,11 +173,7 @@ class Pooling(nn.Module):
             q = q * np.exp(step * np.clip((fair - w) / fair, -1.0, 1.0))
             q /= q.sum()
             inner = lo + np.searchsorted(cum_mean, cum_mean[-1] * np.cumsum(q)[:-1])
-            edges = np.concatenate([[lo], inner, [hi]]).astype(np.int64)
-            for k in range(1, len(edges)):
-                edges[k] = max(edges[k], edges[k - 1] + 1)
-            for k in range(len(edges) - 2, -1, -1):
-                edges[k] = min(edges[k], edges[k + 1] - 1)
+            edges = _one_pixel_apart(np.concatenate([[lo], inner, [hi]]))
             w = shares(edges)
             score = (w.min(), -np.abs(w - fair).max())
             if score > best[:2]:
@@ -191,6 +182,17 @@ class Pooling(nn.Module):
                 break
         report.update(replaced=True, shares=np.round(best[3], 4).tolist(), edges=best[2].tolist())
         return cls(n, best[2]), report
+
+
+def _one_pixel_apart(edges: np.ndarray) -> np.ndarray:
+    """Bin edges moved apart so every bin holds at least one pixel, the window's two ends fixed
+    (inner edges pushed up past their left neighbour, then pulled down below their right one)."""
+    edges = np.asarray(edges, np.int64).copy()
+    for k in range(1, len(edges) - 1):
+        edges[k] = max(edges[k], edges[k - 1] + 1)
+    for k in range(len(edges) - 2, 0, -1):
+        edges[k] = min(edges[k], edges[k + 1] - 1)
+    return edges
 
 
 # -- the layer -----------------------------------------------------------------------------------
