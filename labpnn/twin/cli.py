@@ -34,7 +34,7 @@ def _add_fit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--features", default=None, choices=["exp", "linear"],
                    help="control features: exp adds exp(-k x), exp(-k (1-x)) per channel (default for "
                         "residual_mlp); linear (default for modulus)")
-    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--epochs", type=int, default=None, help="default: 100 (residual_mlp), 1000 (modulus); --max-seconds bounds them")
     p.add_argument("--max-seconds", type=float, default=120.0, help="wall-clock budget of the fit")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)

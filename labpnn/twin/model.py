@@ -117,6 +117,8 @@ class ModulusMLP(nn.Module):
 #: the built-in cores by name (a checkpoint's ``core.kind``) and their default (width, depth)
 CORES = {"residual_mlp": ResidualMLP, "modulus": ModulusMLP}
 CORE_SIZES = {"residual_mlp": (256, 2), "modulus": (16, 1)}
+#: default fitting epochs (`labpnn.twin.fit.fit_twin`; the time budget bounds them too)
+CORE_EPOCHS = {"residual_mlp": 100, "modulus": 1000}
 
 
 class ControlFeatures(nn.Module):
