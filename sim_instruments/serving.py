@@ -1,7 +1,8 @@
 """What every emulator's server shares: a thread per connection, live connections tracked so
 `stop()` can cut them (a client that vanished must not keep a handler thread alive), the
 start/stop lifecycle on 127.0.0.1 with port 0 meaning "pick a free one", and the way a bench's
-command line serves until SIGINT/SIGTERM (`stop_on_signals`)."""
+command line serves until SIGINT/SIGTERM (`stop_on_signals`) — or until the process that started
+it dies (`stop_with_parent`)."""
 from __future__ import annotations
 
 import contextlib
@@ -29,6 +30,19 @@ def fine_sleeps() -> None:
 
 
 _LIBC: Any = None
+
+
+def stop_with_parent() -> None:
+    """For ``Popen(preexec_fn=...)``: Linux sends the child SIGTERM when the thread that started it
+    ends (``prctl(PR_SET_PDEATHSIG)``), so an emulator started for a benchmark stops with it even
+    when the benchmark is killed and never reaches its ``finally`` (best effort; Linux only). Start
+    it from a thread that lives as long as the emulator is needed."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +153,31 @@ def test_export_writes_what_was_measured_and_refuses_magnitudes(tmp_path, capsys
     assert "never measured are not invented" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "reim.h5"), "--touchstone", str(tmp_path / "one"), "--rows", "2"]) == 0
     assert [p.name for p in (tmp_path / "one").iterdir()] == ["row000002.s2p"]
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_the_emulators_stop_when_the_process_that_started_them_is_killed():
+    # a benchmark killed with SIGKILL never runs its finally: its emulator process must go anyway
+    code = ("import os, time\n"
+            "from labpnn.benches import get_bench\n"
+            "with get_bench('microwave').emulators():\n"
+            "    print(open(f'/proc/self/task/{os.getpid()}/children').read(), flush=True)\n"
+            "    time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        children = [int(p) for p in parent.stdout.readline().split()]
+        assert children, "no emulator process started"
+    finally:
+        parent.kill()
+        parent.wait(10)
+    deadline = time.monotonic() + 20
+    while any(_running(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_running(pid) for pid in children), f"emulator process(es) {children} outlived the killed parent"

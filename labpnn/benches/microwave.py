@@ -58,12 +58,15 @@ def emulators(*, seed: int = 0, copy_seed: int = 0, settle_s: float = 0.0) -> It
     import tempfile
     from pathlib import Path
 
+    from labpnn.sim_instruments.serving import stop_with_parent
+
     link = Path(tempfile.mkdtemp(prefix="labpnn-mw-")) / "metasurface"
     settle_ms = 1e3 * (RIG["metasurface"]["settle_s"] + settle_s)
     proc = subprocess.Popen([sys.executable, "-m", "labpnn.sim_instruments.microwave_bench", "--vna-port", "0",
                              "--link", str(link), "--seed", str(seed), "--copy-seed", str(copy_seed),
                              "--settle-ms", str(settle_ms)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", "OPENBLAS_NUM_THREADS": "1"})
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", "OPENBLAS_NUM_THREADS": "1"},
+                            preexec_fn=stop_with_parent)  # a killed benchmark leaves no emulator behind
     try:
         first = proc.stdout.readline().split()
         if len(first) != 2 or first[0] != "vna":
