@@ -58,7 +58,6 @@ import os
 import queue
 import re
 import shutil
-import signal
 import struct
 import subprocess
 import tempfile
@@ -67,6 +66,8 @@ import time
 from typing import Any, Protocol
 
 import numpy as np
+
+from .serving import stop_with_parent
 
 __all__ = [
     "AcousticJackEmulator",
@@ -194,7 +195,7 @@ class JackServer:
         self._log_file = open(self.log_path, "w")  # noqa: SIM115 - lives as long as the server
         env = {**os.environ, "JACK_NO_AUDIO_RESERVATION": "1", "JACK_NO_START_SERVER": "1"}
         self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=self._log_file,
-                                        stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+                                        stderr=subprocess.STDOUT, env=env, preexec_fn=stop_with_parent)
         deadline = time.monotonic() + self.timeout_s
         while True:
             if self.process.poll() is not None:
@@ -407,13 +408,6 @@ def remove_server_files(server_name: str, jackd_pid: int | None = None, shm: str
             os.unlink(path)
             removed.append(path)
     return removed
-
-
-def _die_with_parent() -> None:
-    """In the child before exec (Linux): SIGTERM when the thread that started it ends, so a crashed or
-    killed test run leaves no jackd behind. (Start servers from a thread that outlives them.)"""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _pid_alive(pid: int) -> bool:
