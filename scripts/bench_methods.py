@@ -11,7 +11,10 @@ started and every method runs on it in turn:
   passes (and wall time) are counted in the totals of both;
 - ``phyll`` (hybrid; ``phyll_preset("default")``), ``phyll-paper`` (hybrid, optional) and its two
   ablations ``phyll-zeros`` (physics -> zeros) and ``phyll-digital`` (an equal-size digital
-  network), both digital; ``spsa`` (physical, `SPSASettings` defaults);
+  network), both digital; ``phyll-noskip`` (hybrid: the same without the skip path, so the input
+  reaches the classifier through the physics only — the layout in which the physics is necessary)
+  and its ``phyll-noskip-zeros`` ablation (at chance by construction); ``spsa`` (physical,
+  `SPSASettings` defaults);
 - the depth-free baselines: ``reservoir`` (physical: the element-wise readout a physical network
   has), ``reservoir-ridge`` (hybrid) and ``logistic`` (digital).
 
@@ -56,19 +59,21 @@ BENCHES = ("optical", "acoustic", "microwave")
 METHODS: dict[str, tuple[str, bool]] = {
     "insilico": ("physical", False), "pat": ("physical", False), "phyll": ("hybrid", False),
     "phyll-paper": ("hybrid", False), "spsa": ("physical", False), "phyll-zeros": ("digital", False),
-    "phyll-digital": ("digital", False), "reservoir": ("physical", True), "reservoir-ridge": ("hybrid", True),
-    "logistic": ("digital", True),
+    "phyll-digital": ("digital", False), "phyll-noskip": ("hybrid", False), "phyll-noskip-zeros": ("digital", False),
+    "reservoir": ("physical", True), "reservoir-ridge": ("hybrid", True), "logistic": ("digital", True),
 }
-DEFAULT_METHODS = ("insilico", "pat", "phyll", "spsa", "phyll-zeros", "phyll-digital", "reservoir",
-                   "reservoir-ridge", "logistic")
+DEFAULT_METHODS = ("insilico", "pat", "phyll", "spsa", "phyll-zeros", "phyll-digital", "phyll-noskip",
+                   "phyll-noskip-zeros", "reservoir", "reservoir-ridge", "logistic")
 #: per-method epoch budgets (None: the trainer's own rule, 60 epochs on the vowels). PhyLL and its
 #: ablations: PAT's 60; SPSA: its preset's planned 500 iterations at 5 minibatches of 32 per epoch;
 #: the reservoirs: 5 epochs of readout fitting (no training pass); logistic: one fit.
 EPOCHS: dict[str, int | None] = {"insilico": None, "pat": None, "phyll": 60, "phyll-paper": 60, "phyll-zeros": 60,
-                                 "phyll-digital": 60, "spsa": 100, "reservoir": 5, "reservoir-ridge": 5, "logistic": 1}
+                                 "phyll-digital": 60, "phyll-noskip": 60, "phyll-noskip-zeros": 60, "spsa": 100,
+                                 "reservoir": 5, "reservoir-ridge": 5, "logistic": 1}
 UNSCALED = ("reservoir", "reservoir-ridge", "logistic")  #: their epochs make no physical training pass
 TARGETS = (0.90, 0.95)
-ABLATION = {"phyll": "phyll-zeros", "phyll-paper": "phyll-zeros", "phyll-digital": "phyll-zeros"}
+ABLATION = {"phyll": "phyll-zeros", "phyll-paper": "phyll-zeros", "phyll-digital": "phyll-zeros",
+            "phyll-noskip": "phyll-noskip-zeros"}
 
 
 # -- the runs ------------------------------------------------------------------------------------------
@@ -100,6 +105,9 @@ def make_method(name: str, depth: int):
     if name in ("phyll", "phyll-zeros", "phyll-digital"):
         physics = {"phyll": "system", "phyll-zeros": "zeros", "phyll-digital": "digital"}[name]
         return PhyLL(phyll_preset("default", blocks=depth), physics=physics)
+    if name in ("phyll-noskip", "phyll-noskip-zeros"):  # the input reaches the classifier through the physics only
+        return PhyLL(phyll_preset("default", blocks=depth, skip=False),
+                     physics="zeros" if name.endswith("zeros") else "system")
     if name == "phyll-paper":
         return PhyLL(phyll_preset("paper", blocks=depth))
     if name == "spsa":

@@ -282,6 +282,21 @@ def test_baselines_zeros_and_equal_size_digital():
     assert torch.equal(P, torch.zeros(3, 16))
 
 
+def test_without_the_skip_path_only_the_physics_carries_the_input():
+    ds = blobs()
+    spy, counter = spied(SmoothSystem())
+    settings = phyll_preset(blocks=1, batch_size=24, steps_per_pass=5, lr=5e-3, skip=False)
+    phyll, zeros, _ = phyll_with_baselines(settings)
+    for m in (phyll, zeros):
+        m.setup(counter, ds.X_train, ds.y_train)
+    assert tuple(phyll.blocks[0].linear.weight.shape) == (settings.hidden, 16)  # the 16 physical outputs only
+    # with the physics replaced by zeros every label scores the same: the ablation is at chance
+    logits = zeros.logits(counter, ds.X_val)
+    assert torch.allclose(torch.as_tensor(logits), torch.as_tensor(logits)[:, :1].expand_as(torch.as_tensor(logits)))
+    acc, _, history = train_method(spy, ds, phyll, epochs=8, seed=0, counter=counter)
+    assert acc >= 0.85, history  # the blobs, through the physics alone
+
+
 # -- end to end through a real device server -----------------------------------------------------------
 @pytest.mark.slow
 def test_end_to_end_through_a_device_server(make_server, make_client):

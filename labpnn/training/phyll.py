@@ -104,6 +104,10 @@ class PhyLLSettings:
     standardize: bool = True  #: standardise physical outputs with the first training batch's statistics
     eval_batch: int = 128  #: samples per evaluation call (× n_classes rows)
     seed: int = 0  #: prototypes and initial weights
+    #: the skip path (the block's input beside the physical output, as published). False: the digital
+    #: layer sees the physical output only, so the input reaches the classifier through the physics
+    #: alone — the layout in which the physics is necessary (its zeros ablation is at chance)
+    skip: bool = True
 
 
 #: "paper": as published, quirks included; "default": the quirks fixed (module docstring)
@@ -171,15 +175,17 @@ def wrong_labels(y: torch.Tensor, n_classes: int, gen: torch.Generator) -> torch
 
 
 class PhyLLBlock(nn.Module):
-    """One block's digital parts: the linear layer on ``[P ; skip]``, the fixed prototype, the
+    """One block's digital parts: the linear layer on ``[P ; skip]`` (on ``P`` alone without the
+    skip path), the fixed prototype, the
     frozen output standardisation and (``physics="digital"``) the layer replacing the physics."""
 
-    def __init__(self, d_in: int, n_phys: int, hidden: int, *, digital: bool, seed: int):
+    def __init__(self, d_in: int, n_phys: int, hidden: int, *, digital: bool, seed: int, skip: bool = True):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
+        self.skip = skip
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            self.linear = nn.Linear(n_phys + d_in, hidden)
+            self.linear = nn.Linear(n_phys + (d_in if skip else 0), hidden)
             self.digital = nn.Linear(d_in, n_phys) if digital else None
         self.register_buffer("prototype", random_prototype(hidden, gen))
         self.register_buffer("out_mean", torch.zeros(n_phys))
@@ -189,7 +195,7 @@ class PhyLLBlock(nn.Module):
     def forward(self, phys: torch.Tensor, u: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         if self.digital is not None:
             phys = torch.tanh(self.digital(u))
-        return self.linear(torch.cat([phys, skip], 1))
+        return self.linear(torch.cat([phys, skip], 1) if self.skip else phys)
 
 
 class PhyLL:
@@ -238,7 +244,7 @@ class PhyLL:
             inputs, feature, _ = assign_channels(C, d_in, repeat, st.layout)
             self.channels.append((torch.from_numpy(inputs), torch.from_numpy(feature)))
             blocks.append(PhyLLBlock(d_in, self.n_phys, st.hidden, digital=self.physics == "digital",
-                                     seed=st.seed * 1000 + i))
+                                     seed=st.seed * 1000 + i, skip=st.skip))
         self.blocks = nn.ModuleList(blocks)
         self.C = C
         self.opts = [torch.optim.Adam(b.parameters(), lr=st.lr) for b in self.blocks]
