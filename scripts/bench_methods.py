@@ -180,8 +180,11 @@ def run_method(rig, ds, name: str, depth: int, split: int, epochs: int, val_poin
             "seconds": time.perf_counter() - started, "settings": settings_of(method), "history": hist}
 
 
-def shared_calibration(rig, ds, split: int, max_depth: int, args) -> tuple[Any, Any, dict[str, Any]]:
-    """One calibration sweep and twin for PAT and in-silico on this bench and split."""
+def shared_calibration(rig, ds, split: int, max_depth: int, args, cache: Path | None = None
+                       ) -> tuple[Any, Any, dict[str, Any]]:
+    """One calibration sweep and twin for PAT and in-silico on this bench and split. With ``cache``
+    (a directory) they are kept there and reused, so a resumed table trains every depth of a split
+    on the same twin without measuring the sweep again (its passes still count, from the info)."""
     from labpnn.training.counting import PassCounter
     from labpnn.training.trainer import (
         TrainSettings,
@@ -189,6 +192,12 @@ def shared_calibration(rig, ds, split: int, max_depth: int, args) -> tuple[Any, 
         operating_controls,
         resolve_settings,
     )
+    from labpnn.twin import load_twin, save_twin
+
+    if cache is not None and (cache / "info.json").exists():
+        data = np.load(cache / "calibration.npz")
+        return (load_twin(cache / "twin.pt"), (data["controls"], data["traces"]),
+                {**json.loads((cache / "info.json").read_text()), "reused": True})
 
     st, _ = resolve_settings(TrainSettings(layers=max_depth, seed=split), rig.describe(), ds)
     rows = args.calibration_rows or st.calibration_rows
@@ -205,6 +214,11 @@ def shared_calibration(rig, ds, split: int, max_depth: int, args) -> tuple[Any, 
             "rows": rows, "budget": budget, "twin_seconds": twin_seconds, "target": st.twin_target,
             "operating_noise_ratio": fit.get("operating_noise_ratio"), "target_met": fit.get("target_met"),
             "rounds": len(fit.get("rounds", []))}
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        save_twin(twin, cache / "twin.pt")
+        np.savez(cache / "calibration.npz", controls=calibration[0], traces=calibration[1])
+        (cache / "info.json").write_text(json.dumps(info, default=_jsonable))  # last: marks the cache complete
     return twin, calibration, info
 
 
@@ -256,9 +270,11 @@ def bench_worker(bench: str, args, out: Path) -> None:
                 try:
                     if name in ("pat", "insilico"):
                         if twin is None:
-                            twin, calibration, cal = shared_calibration(rig, ds, split, max(args.depths), args)
+                            cache = Path(args.out) / "calibrations" / f"{bench}-split{split}-depth{max(args.depths)}"
+                            twin, calibration, cal = shared_calibration(rig, ds, split, max(args.depths), args, cache)
                             print(f"[{bench}] split {split}: calibration {cal['passes']} passes, "
-                                  f"{cal['seconds']:.0f} s, noise ratio {cal['operating_noise_ratio']:.2f}",
+                                  f"{cal['seconds']:.0f} s, noise ratio {cal['operating_noise_ratio']:.2f}"
+                                  + (" (reused from its cache)" if cal.get("reused") else ""),
                                   flush=True)
                         row.update(run_trainer(rig, ds, name, depth, split, epochs[name], twin, calibration, cal, log))
                         row["calibration"] = cal
