@@ -14,17 +14,15 @@ from collections.abc import Iterator
 from typing import Any
 
 
-def fine_sleeps() -> None:
-    """Let this thread's sleeps end within ~1 us of their deadline instead of Linux's default timer
-    slack of 50 us (``prctl(PR_SET_TIMERSLACK)``; best effort, Linux only), so an emulator's modelled
-    times (wire, latch, sweep) are kept as a real instrument keeps them."""
+def _prctl(option: int, value: int) -> None:
+    """``prctl(option, value)`` on Linux; nothing elsewhere (best effort)."""
     global _LIBC
     try:
         if _LIBC is None:
             import ctypes
 
             _LIBC = ctypes.CDLL(None, use_errno=True)
-        _LIBC.prctl(29, 1000, 0, 0, 0)  # PR_SET_TIMERSLACK, in ns
+        _LIBC.prctl(option, value, 0, 0, 0)
     except (OSError, AttributeError):
         pass
 
@@ -32,17 +30,19 @@ def fine_sleeps() -> None:
 _LIBC: Any = None
 
 
+def fine_sleeps() -> None:
+    """Let this thread's sleeps end within ~1 us of their deadline instead of Linux's default timer
+    slack of 50 us (``prctl(PR_SET_TIMERSLACK)``; best effort, Linux only), so an emulator's modelled
+    times (wire, latch, sweep) are kept as a real instrument keeps them."""
+    _prctl(29, 1000)  # PR_SET_TIMERSLACK, in ns
+
+
 def stop_with_parent() -> None:
     """For ``Popen(preexec_fn=...)``: Linux sends the child SIGTERM when the thread that started it
     ends (``prctl(PR_SET_PDEATHSIG)``), so an emulator started for a benchmark stops with it even
     when the benchmark is killed and never reaches its ``finally`` (best effort; Linux only). Start
     it from a thread that lives as long as the emulator is needed."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @contextlib.contextmanager

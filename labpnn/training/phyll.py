@@ -176,8 +176,8 @@ def wrong_labels(y: torch.Tensor, n_classes: int, gen: torch.Generator) -> torch
 
 class PhyLLBlock(nn.Module):
     """One block's digital parts: the linear layer on ``[P ; skip]`` (on ``P`` alone without the
-    skip path), the fixed prototype, the
-    frozen output standardisation and (``physics="digital"``) the layer replacing the physics."""
+    skip path), the fixed prototype, the frozen output standardisation and (``physics="digital"``)
+    the layer replacing the physics."""
 
     def __init__(self, d_in: int, n_phys: int, hidden: int, *, digital: bool, seed: int, skip: bool = True):
         super().__init__()

@@ -41,7 +41,7 @@ from labpnn.twin.metrics import (
     noise_variance,
     regression_metrics,
 )
-from labpnn.twin.model import CORE_EPOCHS, Twin, control_levels, jsonable
+from labpnn.twin.model import CORES, Twin, control_levels, jsonable
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +324,7 @@ def fit_twin(
     ``block``s) or ``"modulus"`` (`ModulusMLP`: magnitudes of a field linear in the controls, for
     coherent systems read as magnitudes) — or a plugged-in module. Training: Adam (``lr``, batch
     ``batch_size``), warm-up + cosine decay over whichever runs out first of ``epochs`` (default: the
-    core's `CORE_EPOCHS`: 100 for the residual MLP; 1,000 for the modulus core, whose field converges
+    core's entry in `CORES`: 100 for the residual MLP; 1,000 for the modulus core, whose field converges
     slowly, as fitting magnitudes does — on the acoustic cavity 100 epochs left it at a noise ratio
     of 1.63, ~500-900 in 90 s reached 1.31-1.40) and
     ``max_seconds`` (wall clock), gradient clipping, the best-validation weights kept, early
@@ -365,7 +365,7 @@ def fit_twin(
     device = torch.device(device)
     torch.manual_seed(seed)
     if epochs is None:
-        epochs = CORE_EPOCHS[core if isinstance(core, str) else "residual_mlp"]
+        epochs = CORES[core if isinstance(core, str) else "residual_mlp"][3]
     if levels == "auto":
         levels = control_levels(x_np)
     twin = Twin(x_np.shape[1], y_np.shape[1], width=width, depth=depth, block=block, features=features,

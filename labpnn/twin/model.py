@@ -11,7 +11,7 @@ measurement units. The default core is `ResidualMLP`: width/depth configurable, 
 residual blocks by default (plain MLP blocks on request), SiLU so that the Jacobian PAT uses is
 smooth, plus a linear skip from input to output. ``core="modulus"`` (`ModulusMLP`) is for a system
 read as magnitudes of coherent fields (a microphone's spectrum at the drive tones, |S21|): each
-output is ``|complex-affine(controls)|`` — interference, exact for a linear wave system — plus a
+output is the magnitude of complex-affine fields of the controls — interference, exact for a linear wave system — plus a
 small `ResidualMLP` for what is not (speaker compression, multiple scattering); on the acoustic
 cavity it fits 3.2x closer than the default MLP without drift, and with drift reaches a held-out
 noise ratio of 1.31 against 3.2 (6,256 rows, 90 s). Any ``nn.Module`` mapping ``[B, F] -> [B, S]``
@@ -97,9 +97,11 @@ class ResidualMLP(nn.Module):
 
 
 class ModulusMLP(nn.Module):
-    """``|A x + b| + ResidualMLP(x)`` per output, ``A x + b`` complex (real and imaginary parts from
-    one ``Linear(C, 2 S)``): the magnitude of a field that is linear in the controls, as a tone
-    amplitude's microphone reading is, plus a small residual network (default width 16: on
+    """``sqrt(sum_r |A_r x + b_r|^2) + ResidualMLP(x)`` per output, ``A_r x + b_r`` complex (real and
+    imaginary parts of all ``rank`` fields from one ``Linear(C, 2 rank S)``): the magnitude of a
+    field that is linear in the controls, as a tone amplitude's microphone reading is — ``rank``
+    fields rather than one so that gradient descent passes the field's zeros (one field is the
+    physics; 4 fitted a synthetic one closer) — plus a small residual network (default width 16: on
     measured data a wide residual fits the noise; 16 was best of 8-256 on the acoustic cavity)."""
 
     def __init__(self, n_in: int, n_out: int, width: int = 16, depth: int = 1, block: str = "gated", rank: int = 4):
@@ -114,11 +116,12 @@ class ModulusMLP(nn.Module):
         return torch.sqrt((z * z).sum(1) + 1e-6) + self.residual(x)
 
 
-#: the built-in cores by name (a checkpoint's ``core.kind``) and their default (width, depth)
-CORES = {"residual_mlp": ResidualMLP, "modulus": ModulusMLP}
-CORE_SIZES = {"residual_mlp": (256, 2), "modulus": (16, 1)}
-#: default fitting epochs (`labpnn.twin.fit.fit_twin`; the time budget bounds them too)
-CORE_EPOCHS = {"residual_mlp": 100, "modulus": 1000}
+#: the built-in cores by name (a checkpoint's ``core.kind``): class, default width, depth and fitting
+#: epochs (`labpnn.twin.fit.fit_twin`; its time budget bounds them too)
+CORES: dict[str, tuple[type[nn.Module], int, int, int]] = {
+    "residual_mlp": (ResidualMLP, 256, 2, 100),
+    "modulus": (ModulusMLP, 16, 1, 1000),
+}
 
 
 class ControlFeatures(nn.Module):
@@ -158,7 +161,7 @@ class Twin(nn.Module):
     built-in core, adds exponential features). The normalisation constants are buffers (saved,
     moved with ``.to()``); ``meta`` is a plain JSON-able dict: data the twin was fitted on,
     settings, fit metrics. ``core`` names a built-in core (``"residual_mlp"``, the default, or
-    ``"modulus"``; ``width``/``depth`` default to its `CORE_SIZES`) or is a plugged-in module mapping
+    ``"modulus"``; ``width``/``depth`` default to its entry in `CORES`) or is a plugged-in module mapping
     ``[B, n_features] -> [B, S]`` (with ``features="linear"``, the default for every core but the
     residual MLP, ``n_features == n_controls``)."""
 
@@ -192,10 +195,11 @@ class Twin(nn.Module):
             features = "exp" if core == "residual_mlp" else "linear"
         self.features = ControlFeatures(self.n_controls, features, rates)
         if isinstance(core, str):
-            width = CORE_SIZES[core][0] if width is None else width
-            depth = CORE_SIZES[core][1] if depth is None else depth
+            cls, default_width, default_depth, _ = CORES[core]
+            width = default_width if width is None else width
+            depth = default_depth if depth is None else depth
             core_spec = {"kind": core, "width": int(width), "depth": int(depth), "block": block}
-            core = CORES[core](self.features.n_features, self.n_outputs, int(width), int(depth), block=block)
+            core = cls(self.features.n_features, self.n_outputs, int(width), int(depth), block=block)
         elif core_spec is None:
             core_spec = {"kind": "custom", "class": f"{type(core).__module__}:{type(core).__qualname__}"}
         self.core = core
