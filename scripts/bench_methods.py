@@ -248,10 +248,15 @@ def bench_worker(bench: str, args, out: Path) -> None:
         return
     depth_free = [m for m in args.methods if METHODS[m][1]]
     deep = [m for m in args.methods if not METHODS[m][1]]
-    for split in range(args.first_split, args.first_split + args.splits):
+    # waves: with --order depths every split is run at the first depth before any at the next, so a
+    # table cut short by time has all its splits at the shallow depths (--resume fills the rest)
+    waves = [[(m, None) for m in depth_free] + [(m, args.depths[0]) for m in deep]]
+    waves += [[(m, d) for m in deep] for d in args.depths[1:]]
+    if args.order == "splits":
+        waves = [[job for wave in waves for job in wave]]
+    for wave, split in ((w, s) for w in waves for s in range(args.first_split, args.first_split + args.splits)):
         ds = load_dataset("vowels", seed=split)
-        jobs = [(m, None) for m in depth_free] + [(m, d) for d in args.depths for m in deep]
-        jobs = [(m, d) for m, d in jobs if (bench, m, d, split) not in done]
+        jobs = [(m, d) for m, d in wave if (bench, m, d, split) not in done]
         if not jobs:
             continue
         with contextlib.ExitStack() as stack:
@@ -421,6 +426,7 @@ def presets_text(args, epochs: dict[str, int | None], runs: list[dict[str, Any]]
     lines = ["Presets (shipped; nothing tuned per cell):",
              f"- PhyLL (phyll, phyll-zeros, phyll-digital; blocks = depth): {phyll_preset('default')}",
              f"- PhyLL paper preset (phyll-paper): {phyll_preset('paper')}",
+             "- PhyLL without the skip path (phyll-noskip, phyll-noskip-zeros): the default preset with skip=False",
              f"- SPSA (layers = depth): {SPSASettings()}",
              f"- reservoirs: {ReservoirSettings()} (reservoir-ridge: readout='ridge')",
              "- logistic: scikit-learn LogisticRegression(C=1.0) on the same features",
@@ -506,19 +512,111 @@ def plot(runs: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) -> 
     plt.close(fig)
 
 
+#: which reservoir floor a trained method must beat: the physical one (element-wise readout) for
+#: physical methods, the ridge readout for hybrid ones
+FLOOR = {"pat": "reservoir", "insilico": "reservoir", "spsa": "reservoir", "phyll": "reservoir-ridge",
+         "phyll-paper": "reservoir-ridge", "phyll-noskip": "reservoir-ridge"}
+
+
+def verdict(m: float, se: float, n: int, target: float) -> str:
+    """An interval's verdict against ``target``: met when mean - 2 s.e. reaches it, missed when mean
+    + 2 s.e. stays below, else undecided at this n."""
+    if n == 0 or math.isnan(m):
+        return "not measured"
+    if n < 2 or math.isnan(se):
+        return ("met" if m >= target else "missed") + f" (n={n}: no s.e.)"
+    if m - 2 * se >= target:
+        return "met"
+    if m + 2 * se < target:
+        return "MISSED"
+    return "undecided (within 2 s.e.)"
+
+
+def judge_goals(runs: list[dict[str, Any]], depths) -> list[str]:
+    """The issue's goals, each judged by its (paired) mean ± 2 s.e. over the splits run."""
+    ok = [r for r in runs if "test_acc" in r]
+    by = {(r["bench"], r["method"], r["depth"], r["split"]): r for r in ok}
+
+    def acc(bench, method, depth):
+        return mean_se([r["test_acc"] for r in ok if (r["bench"], r["method"], r["depth"]) == (bench, method, depth)])
+
+    def paired(bench, a, da, b, db):
+        splits = sorted({k[3] for k in by if k[:3] == (bench, a, da)} & {k[3] for k in by if k[:3] == (bench, b, db)})
+        return mean_se([by[(bench, a, da, s)]["test_acc"] - by[(bench, b, db, s)]["test_acc"] for s in splits])
+
+    def passes(bench, method, depth):
+        cell = [sum(r["passes"].values()) for r in ok if (r["bench"], r["method"], r["depth"]) == (bench, method, depth)]
+        return f"{np.mean(cell):,.0f}" if cell else "–"
+
+    lines = ["Goals (each judged by its mean ± 2 s.e. over the splits run; paired where two methods are compared):"]
+    for bench, target in (("optical", 0.95), ("acoustic", 0.93), ("microwave", 0.93)):
+        for d in depths:
+            m, se, n = acc(bench, "pat", d)
+            lines.append(f"- PAT ≥ {target:.0%} on the {bench} bench at depth {d}: {fmt_pm(m, se, n)} -> "
+                         f"{verdict(m, se, n, target)}")
+    for bench in ("acoustic", "microwave"):
+        for d in depths:
+            m, se, n = paired(bench, "phyll", d, "pat", d)
+            lines.append(f"- PhyLL within 3 points of PAT on the {bench} bench at depth {d}: PhyLL − PAT "
+                         f"{fmt_pm(m, se, n, signed=True)} pts (passes: PhyLL {passes(bench, 'phyll', d)}, PAT "
+                         f"{passes(bench, 'pat', d)}) -> {verdict(m, se, n, -0.03)}")
+    deep = max(depths)
+    if deep > 1:
+        for bench in BENCHES:
+            splits = sorted(s for (b, mth, dd, s) in by if (b, mth, dd) == (bench, "pat", deep)
+                            and all((bench, x, dx, s) in by for x in ("pat", "insilico") for dx in (1, deep)))
+            growth = [(by[(bench, "pat", deep, s)]["test_acc"] - by[(bench, "insilico", deep, s)]["test_acc"])
+                      - (by[(bench, "pat", 1, s)]["test_acc"] - by[(bench, "insilico", 1, s)]["test_acc"])
+                      for s in splits]
+            m, se, n = mean_se(growth)
+            gaps = [paired(bench, "pat", d, "insilico", d) for d in depths]
+            lines.append(f"- in-silico falls behind PAT as depth grows ({bench}): PAT − in-silico by depth "
+                         + ", ".join(f"{d}: {fmt_pm(*g, signed=True)}" for d, g in zip(depths, gaps))
+                         + f"; depth {deep} minus depth 1: {fmt_pm(m, se, n, signed=True)} pts -> "
+                         f"{verdict(m, se, n, 1e-9)}")
+    below = []
+    judged = 0
+    for bench in BENCHES:
+        for method, floor in FLOOR.items():
+            for d in depths:
+                m, se, n = paired(bench, method, d, floor, None)
+                if n:
+                    judged += 1
+                    v = verdict(m, se, n, 1e-9)
+                    if v != "met":
+                        below.append(f"{bench} {method} d{d} − {floor} {fmt_pm(m, se, n, signed=True)}: {v}")
+    lines.append(f"- every trained method above its reservoir floor (physical methods: the element-wise reservoir; "
+                 f"hybrid: the ridge reservoir): {judged - len(below)} of {judged} cells shown above it"
+                 + ("" if not below else "; not shown: " + "; ".join(below)))
+    found = []
+    for bench in BENCHES:
+        for method in ("phyll", "phyll-noskip"):
+            for d in depths:
+                m, se, n = paired(bench, method, d, ABLATION[method], d)
+                if n:
+                    found.append((verdict(m, se, n, 1e-9), f"{bench} {method} d{d} − {ABLATION[method]} "
+                                                           f"{fmt_pm(m, se, n, signed=True)}"))
+    met = [t for v, t in found if v == "met"]
+    lines.append("- PhyLL measurably above PhyLL without the physics on at least one bench: "
+                 + ("met: " + "; ".join(met) if met else "MISSED" if found else "not measured")
+                 + ("" if not found else " (all: " + "; ".join(f"{t} -> {v}" for v, t in found) + ")"))
+    return lines
+
+
 def write_table(args, out: Path) -> str:
     runs = load_runs(out)
     rows = summarise(runs, args.benches, args.methods, args.depths)
     md, cells = render(rows)
     epochs = resolve_epochs(args)
     presets = presets_text(args, epochs, runs)
+    goals = "\n".join(judge_goals(runs, args.depths)) + "\n"
     splits = sorted({r["split"] for r in runs if "split" in r and "test_acc" in r})
     header = (f"Vowels, splits {splits}, depths {args.depths}, benches {args.benches}.\n"
               + (f"CUT: {args.cut}\n" if args.cut else ""))
-    (out / "table.md").write_text(header + "\n" + md + "\n" + NOTES + "\n" + presets)
-    (out / "table.txt").write_text(header + "\n" + text_table(cells) + "\n" + NOTES + "\n" + presets)
+    (out / "table.md").write_text(header + "\n" + md + "\n" + goals + "\n" + NOTES + "\n" + presets)
+    (out / "table.txt").write_text(header + "\n" + text_table(cells) + "\n" + goals + "\n" + NOTES + "\n" + presets)
     plot(runs, rows, out / "accuracy_vs_passes.png")
-    return header + "\n" + md + "\n" + NOTES + "\n" + presets
+    return header + "\n" + md + "\n" + goals + "\n" + NOTES + "\n" + presets
 
 
 def main(argv=None) -> int:
@@ -535,6 +633,8 @@ def main(argv=None) -> int:
     p.add_argument("--calibration-rows", type=int, help="first calibration sweep (default: the trainer's rule)")
     p.add_argument("--calibration-budget", type=int, help="most calibration rows (default: the trainer's rule)")
     p.add_argument("--twin-seconds", type=float, help="twin fitting time per round (default: the trainer's rule)")
+    p.add_argument("--order", choices=("depths", "splits"), default="depths",
+                   help="depths: every split at a depth before the next depth (default); splits: each split whole")
     p.add_argument("--jobs", type=int, default=1, help="benches run in parallel (one process each)")
     p.add_argument("--quick", action="store_true", help="smoke run: optical, 1 split, depth 1, 2 epochs, few methods")
     p.add_argument("--resume", action="store_true", help="skip the runs already in --out")

@@ -1,0 +1,51 @@
+"""The methods table's goal verdicts (scripts/bench_methods.py): pure functions on recorded runs."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_methods.py"
+
+
+@pytest.fixture(scope="module")
+def bench_methods():
+    spec = importlib.util.spec_from_file_location("bench_methods", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_verdict_uses_two_standard_errors(bench_methods):
+    v = bench_methods.verdict
+    assert v(0.97, 0.005, 5, 0.95) == "met"  # 0.96 >= 0.95
+    assert v(0.97, 0.02, 5, 0.95) == "undecided (within 2 s.e.)"  # 0.93 .. 1.01
+    assert v(0.90, 0.02, 5, 0.95) == "MISSED"  # 0.94 < 0.95
+    assert v(0.96, float("nan"), 1, 0.95).startswith("met (n=1")
+    assert v(float("nan"), float("nan"), 0, 0.95) == "not measured"
+
+
+def run(bench, method, depth, split, acc):
+    return {"bench": bench, "method": method, "depth": depth, "split": split, "test_acc": acc,
+            "passes": {"calibration": 100, "train": 1000}}
+
+
+def test_goals_are_judged_on_paired_splits(bench_methods):
+    runs = []
+    for s, (pat, phyll, zeros, res) in enumerate([(0.96, 0.95, 0.50, 0.40), (0.98, 0.96, 0.52, 0.42),
+                                                  (0.97, 0.97, 0.49, 0.41)]):
+        runs += [run("microwave", "pat", 1, s, pat), run("microwave", "phyll", 1, s, phyll),
+                 run("microwave", "phyll-zeros", 1, s, zeros), run("microwave", "reservoir", None, s, res),
+                 run("microwave", "reservoir-ridge", None, s, res)]
+    runs.append(run("microwave", "pat", 2, 0, 0.5))  # a depth with one split, not paired with PhyLL
+    lines = "\n".join(bench_methods.judge_goals(runs, [1, 2]))
+    assert "PAT ≥ 93% on the microwave bench at depth 1: 97.0 ± 0.6 (n=3) -> met" in lines
+    assert "microwave bench at depth 2: 50.0 (n=1) -> missed (n=1: no s.e.)" in lines
+    # PhyLL - PAT = -1, -2, 0 points: mean -1.0 +- 0.6, so within 3 points
+    assert "PhyLL within 3 points of PAT on the microwave bench at depth 1: PhyLL − PAT -1.0 ± 0.6 (n=3)" in lines
+    assert "on the microwave bench at depth 1" in lines and "-> met" in lines
+    assert "PhyLL measurably above PhyLL without the physics on at least one bench: met: microwave phyll d1" in lines
+    assert "optical bench at depth 1: – -> not measured" in lines
+    # PAT and PhyLL at depth 1 clear their floors; PAT at depth 2 (one split) cannot be shown to
+    assert "2 of 3 cells shown above it; not shown: microwave pat d2 − reservoir +10.0 (n=1)" in lines
