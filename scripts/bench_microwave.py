@@ -7,8 +7,8 @@ the VNA emulator on a loopback socket -> pyserial / PyVISA drivers -> `Rig` -> `
 
 1. **Throughput.** Configurations per second through the whole stack (server -> controller -> VNA
    -> back), against the instrument time a configuration needs (the pattern's bytes and the `#OK`
-   on the wire at the baud rate, the settle time, the sweep time from points and IF bandwidth: the
-   physical limit) and against the physics alone (the cavity's S21 for one configuration, no I/O);
+   on the wire at the baud rate, the controller's shift and latch, the settle time, the sweep time
+   from points and IF bandwidth: the physical limit) and against the physics alone (the cavity's S21 for one configuration, no I/O);
    with the pattern read back after every write (the driver's default) and without. The rig
    overlaps rows (`Rig._measure_overlapped`): row i's trace is read while row i+1's pattern is on
    the wire, and the read-back travels during the settle time and the sweep.
@@ -42,12 +42,13 @@ def mean_se(values) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
 
 
-def instrument_time_s(rig_section: dict, n_bits: int, sweep_time_s: float) -> float:
-    """The time one configuration needs on the instruments: the pattern command and its `#OK` on the
-    wire (10 bit times per byte), the metasurface's settle time, the VNA's sweep."""
+def instrument_time_s(rig_section: dict, n_bits: int, sweep_time_s: float, latch_s: float) -> float:
+    """The time one configuration needs on the instruments: the pattern command on the wire (10 bit
+    times per byte), the controller's shift and latch (it answers `#OK` only after them), the `#OK`
+    on the wire, the metasurface's settle time (counted from the `#OK`), the VNA's sweep."""
     ms = rig_section["metasurface"]
     wire_bytes = len("!0x") + n_bits // 4 + 1 + len("#OK\n")
-    return wire_bytes * 10 / ms["baud"] + ms["settle_s"] + sweep_time_s
+    return wire_bytes * 10 / ms["baud"] + latch_s + ms["settle_s"] + sweep_time_s
 
 
 def throughput(rows: int, repeats: int) -> list[dict]:
@@ -56,12 +57,13 @@ def throughput(rows: int, repeats: int) -> list[dict]:
     from labpnn.remote.client import RigClient
     from labpnn.remote.server import DeviceServer
     from labpnn.sim_instruments.metasurface_cavity import CavityConfig, MetasurfaceCavity
+    from labpnn.sim_instruments.metasurface_controller import LATCH_S
     from labpnn.sim_instruments.vna_emulator import sweep_time_s
 
     bench = get_bench("microwave")
     vna = bench.RIG["vna"]
     sweep = sweep_time_s(vna["points"], vna["if_bandwidth_hz"])
-    limit = instrument_time_s(bench.RIG, bench.RIG["metasurface"]["n_bits"], sweep)
+    limit = instrument_time_s(bench.RIG, bench.RIG["metasurface"]["n_bits"], sweep, LATCH_S)
     cavity = MetasurfaceCavity(CavityConfig(drift_scale=0.0))
     freqs = np.linspace(vna["start_hz"], vna["stop_hz"], vna["points"])
     states = (np.random.default_rng(0).random((rows, bench.N_META)) >= 0.5).astype(np.int64)

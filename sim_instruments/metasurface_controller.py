@@ -84,6 +84,11 @@ def hex_to_bits(text: str) -> np.ndarray:
     return ((values[:, None] >> np.array([3, 2, 1, 0], np.uint8)) & 1).reshape(-1).astype(np.uint8)
 
 
+#: shifting 256 bits into the registers and latching them, between a pattern line's end and its
+#: ``#OK`` (the firmware answers "after shift and latch"): part of the time a configuration needs
+LATCH_S = 0.0003
+
+
 class MetasurfaceControllerEmulator:
     """The RIS controller's firmware on a pty. ``start()`` returns self; ``port`` is the device path.
 
@@ -96,7 +101,7 @@ class MetasurfaceControllerEmulator:
     """
 
     def __init__(self, n_bits: int = 256, *, baud: int = 115200, settle_s: float = 0.002,
-                 serial_no: str = "RIS-SIM-0001", latch_s: float = 0.0003, boot_s: float = 0.01):
+                 serial_no: str = "RIS-SIM-0001", latch_s: float = LATCH_S, boot_s: float = 0.01):
         if isinstance(n_bits, bool) or not isinstance(n_bits, (int, np.integer)) or n_bits < 4 or n_bits % 4:
             raise ValueError(f"n_bits: must be a positive multiple of 4, got {n_bits!r}")
         if not baud > 0:
@@ -301,7 +306,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, default=256, help="pattern length in bits (multiple of 4)")
     p.add_argument("--baud", type=int, default=115200, help="serial rate that paces the wire (default 115200)")
     p.add_argument("--settle-ms", type=float, default=2.0, help="delay from #OK until the cavity sees a pattern")
-    p.add_argument("--latch-ms", type=float, default=0.3, help="shift-and-latch time before #OK")
+    p.add_argument("--latch-ms", type=float, default=LATCH_S * 1e3, help="shift-and-latch time before #OK")
     p.add_argument("--serial-no", default="RIS-SIM-0001", help="serial number (?SerialNo, banner)")
     return p
 
