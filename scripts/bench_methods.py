@@ -28,7 +28,10 @@ to its physics -> zeros ablation (mean +- s.e. of the per-split differences); ph
 Every method runs its shipped preset, printed with the table. Epochs are per-method budgets
 (`EPOCHS`, printed); ``--epochs N`` gives every trained method N, ``--epoch-scale f`` cuts every
 trained method's budget by the same factor (the reservoir's and logistic's epochs make no training
-pass and are not cut).
+pass and are not cut). Under the table, the issue's goals, each judged by its (paired) mean +- 2 s.e.:
+met, MISSED, or undecided at this number of splits. ``--order depths`` (default) runs every split at
+one depth before the next depth, so a table stopped early has all its splits at the shallow depths
+and ``--resume`` adds the deeper ones later.
 
 Writes to ``--out``: ``runs.jsonl`` (one line per run, histories included; ``--resume`` skips the
 runs already there), ``table.md``, ``table.txt``, ``accuracy_vs_passes.png``.
