@@ -49,3 +49,31 @@ def test_goals_are_judged_on_paired_splits(bench_methods):
     assert "optical bench at depth 1: – -> not measured" in lines
     # PAT and PhyLL at depth 1 clear their floors; PAT at depth 2 (one split) cannot be shown to
     assert "2 of 3 cells shown above it; not shown: microwave pat d2 − reservoir +10.0 (n=1)" in lines
+
+
+@pytest.mark.slow
+def test_quick_table_end_to_end(tmp_path):
+    """`--quick` (what a lab runs first): every listed method trains on the simulated optical bench,
+    the passes add up, and the table, its goals and the plot are written."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "quick"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)], capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {r["method"]: r for r in map(json.loads, (out / "runs_optical.jsonl").read_text().splitlines())}
+    assert set(runs) == {"insilico", "pat", "phyll", "phyll-zeros", "reservoir", "logistic"}
+    assert not [m for m, r in runs.items() if "error" in r]
+    train_rows = 154  # the vowels' training split
+    # PhyLL: two forward passes per block per training sample per epoch, never a calibration
+    assert runs["phyll"]["passes"]["train"] == 2 * train_rows * runs["phyll"]["epochs"]
+    assert runs["phyll"]["passes"]["calibration"] == 0
+    assert sum(runs["phyll-zeros"]["passes"].values()) == 0  # its physics is replaced by zeros
+    # PAT and in-silico share one calibration; in-silico trains without the physics
+    assert runs["pat"]["passes"]["calibration"] == runs["insilico"]["passes"]["calibration"] > 0
+    assert runs["insilico"]["passes"]["train"] == 0 < runs["pat"]["passes"]["train"]
+    table = (out / "table.md").read_text()
+    assert "Goals (each judged" in table and "| optical | phyll-zeros | digital | 1 |" in table
+    assert (out / "accuracy_vs_passes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
