@@ -560,7 +560,7 @@ def judge_goals(runs: list[dict[str, Any]], depths) -> list[str]:
     for bench in ("acoustic", "microwave"):
         for d in depths:
             m, se, n = paired(bench, "phyll", d, "pat", d)
-            lines.append(f"- PhyLL within 3 points of PAT on the {bench} bench at depth {d}: PhyLL − PAT "
+            lines.append(f"- PhyLL within 3 points of PAT (no more than 3 below) on the {bench} bench at depth {d}: PhyLL − PAT "
                          f"{fmt_pm(m, se, n, signed=True)} pts (passes: PhyLL {passes(bench, 'phyll', d)}, PAT "
                          f"{passes(bench, 'pat', d)}) -> {verdict(m, se, n, -0.03)}")
     deep = max(depths)
