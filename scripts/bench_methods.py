@@ -414,6 +414,29 @@ def render(rows: list[dict[str, Any]]) -> tuple[str, list[list[str]]]:
     return md, [head, *body]
 
 
+def compact(rows: list[dict[str, Any]], benches) -> str:
+    """One line per method and depth, one column per bench: test accuracy (and physical passes)."""
+    keys = []
+    for r in rows:
+        if "not_built" not in r and (r["method"], r["depth"]) not in keys:
+            keys.append((r["method"], r["depth"]))
+    cell = {(r["bench"], r["method"], r["depth"]): r for r in rows if "not_built" not in r}
+    head = ["method", "kind", "depth", *(f"{b}: test % (passes)" for b in benches)]
+    md = "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n"
+    for method, depth in sorted(keys, key=lambda k: (k[1] is None, k[1] or 0)):
+        line = [method, METHODS[method][0], "–" if depth is None else str(depth)]
+        for b in benches:
+            r = cell.get((b, method, depth))
+            if r is None or not r["n"]:
+                line.append("–")
+            else:
+                m, se, n = r["acc"]
+                acc = f"{100 * m:.1f}" + ("" if math.isnan(se) else f" ± {100 * se:.1f}") + f" (n={n})"
+                line.append(acc + (f" ({r['passes']:,.0f})" if r["passes"] else ""))
+        md += "| " + " | ".join(line) + " |\n"
+    return md
+
+
 def text_table(cells: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
@@ -618,6 +641,7 @@ def write_table(args, out: Path) -> str:
               + (f"CUT: {args.cut}\n" if args.cut else ""))
     (out / "table.md").write_text(header + "\n" + md + "\n" + goals + "\n" + NOTES + "\n" + presets)
     (out / "table.txt").write_text(header + "\n" + text_table(cells) + "\n" + goals + "\n" + NOTES + "\n" + presets)
+    (out / "table_compact.md").write_text(header + "\n" + compact(rows, args.benches))
     plot(runs, rows, out / "accuracy_vs_passes.png")
     return header + "\n" + md + "\n" + goals + "\n" + NOTES + "\n" + presets
 
