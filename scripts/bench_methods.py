@@ -33,8 +33,9 @@ met, MISSED, or undecided at this number of splits. ``--order depths`` (default)
 one depth before the next depth, so a table stopped early has all its splits at the shallow depths
 and ``--resume`` adds the deeper ones later.
 
-Writes to ``--out``: ``runs.jsonl`` (one line per run, histories included; ``--resume`` skips the
-runs already there), ``table.md``, ``table.txt``, ``accuracy_vs_passes.png``.
+Writes to ``--out``: ``runs_<bench>.jsonl`` (one line per run, histories included; ``--resume`` skips
+the runs already there), ``table.md``, ``table.txt``, ``table_compact.md`` (a row per method and depth,
+a column per bench), ``accuracy_vs_passes.png``.
 
     python scripts/bench_methods.py --quick                   # smoke run: 1 bench, 1 split, depth 1
     python scripts/bench_methods.py --benches optical acoustic microwave --splits 3 --epochs 4 --jobs 3
