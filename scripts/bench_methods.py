@@ -76,6 +76,9 @@ EPOCHS: dict[str, int | None] = {"insilico": None, "pat": None, "phyll": 60, "ph
                                  "reservoir": 5, "reservoir-ridge": 5, "logistic": 1}
 UNSCALED = ("reservoir", "reservoir-ridge", "logistic")  #: their epochs make no physical training pass
 TARGETS = (0.90, 0.95)
+#: PhyLL's variants: (what replaces the physics, the skip path); skip=False makes the physics necessary
+PHYLL_VARIANTS = {"phyll": ("system", True), "phyll-zeros": ("zeros", True), "phyll-digital": ("digital", True),
+                  "phyll-noskip": ("system", False), "phyll-noskip-zeros": ("zeros", False)}
 ABLATION = {"phyll": "phyll-zeros", "phyll-paper": "phyll-zeros", "phyll-digital": "phyll-zeros",
             "phyll-noskip": "phyll-noskip-zeros"}
 
@@ -106,12 +109,9 @@ def make_method(name: str, depth: int):
     from labpnn.training.reservoir import Reservoir
     from labpnn.training.spsa import SPSA
 
-    if name in ("phyll", "phyll-zeros", "phyll-digital"):
-        physics = {"phyll": "system", "phyll-zeros": "zeros", "phyll-digital": "digital"}[name]
-        return PhyLL(phyll_preset("default", blocks=depth), physics=physics)
-    if name in ("phyll-noskip", "phyll-noskip-zeros"):  # the input reaches the classifier through the physics only
-        return PhyLL(phyll_preset("default", blocks=depth, skip=False),
-                     physics="zeros" if name.endswith("zeros") else "system")
+    if name in PHYLL_VARIANTS:
+        physics, skip = PHYLL_VARIANTS[name]
+        return PhyLL(phyll_preset("default", blocks=depth, skip=skip), physics=physics)
     if name == "phyll-paper":
         return PhyLL(phyll_preset("paper", blocks=depth))
     if name == "spsa":
@@ -342,9 +342,20 @@ def load_runs(out: Path) -> list[dict[str, Any]]:
     return list(keyed.values())
 
 
+def by_run(runs: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """The finished runs by (bench, method, depth, split)."""
+    return {(r["bench"], r["method"], r["depth"], r["split"]): r for r in runs if "test_acc" in r}
+
+
+def paired(by: dict[tuple, dict[str, Any]], bench: str, a: str, da, b: str, db) -> tuple[float, float, int]:
+    """Mean, s.e. and n of test accuracy (a at depth da) − (b at depth db), over the splits both ran."""
+    splits = sorted({k[3] for k in by if k[:3] == (bench, a, da)} & {k[3] for k in by if k[:3] == (bench, b, db)})
+    return mean_se([by[(bench, a, da, s)]["test_acc"] - by[(bench, b, db, s)]["test_acc"] for s in splits])
+
+
 def summarise(runs: list[dict[str, Any]], benches, methods, depths) -> list[dict[str, Any]]:
     ok = [r for r in runs if "test_acc" in r]
-    by = {(r["bench"], r["method"], r["depth"], r["split"]): r for r in ok}
+    by = by_run(runs)
     rows = []
     for bench in benches:
         nb = [r for r in runs if r["bench"] == bench and "not_built" in r]
@@ -375,9 +386,7 @@ def summarise(runs: list[dict[str, Any]], benches, methods, depths) -> list[dict
                 for label, (m2, d2) in refs.items():
                     if m2 == method and d2 == depth:
                         continue
-                    diffs = [r["test_acc"] - by[(bench, m2, d2, r["split"])]["test_acc"] for r in cell
-                             if (bench, m2, d2, r["split"]) in by]
-                    row[f"vs_{label}"] = mean_se(diffs)
+                    row[f"vs_{label}"] = paired(by, bench, method, depth, m2, d2)
                 for t in TARGETS:
                     hits = [first_crossing([tuple(p) for p in r["curve"]], t) for r in cell]
                     got = [h for h in hits if h is not None]
@@ -562,14 +571,10 @@ def verdict(m: float, se: float, n: int, target: float) -> str:
 def judge_goals(runs: list[dict[str, Any]], depths) -> list[str]:
     """The issue's goals, each judged by its (paired) mean ± 2 s.e. over the splits run."""
     ok = [r for r in runs if "test_acc" in r]
-    by = {(r["bench"], r["method"], r["depth"], r["split"]): r for r in ok}
+    by = by_run(runs)
 
     def acc(bench, method, depth):
         return mean_se([r["test_acc"] for r in ok if (r["bench"], r["method"], r["depth"]) == (bench, method, depth)])
-
-    def paired(bench, a, da, b, db):
-        splits = sorted({k[3] for k in by if k[:3] == (bench, a, da)} & {k[3] for k in by if k[:3] == (bench, b, db)})
-        return mean_se([by[(bench, a, da, s)]["test_acc"] - by[(bench, b, db, s)]["test_acc"] for s in splits])
 
     def passes(bench, method, depth):
         cell = [sum(r["passes"].values()) for r in ok if (r["bench"], r["method"], r["depth"]) == (bench, method, depth)]
@@ -583,7 +588,7 @@ def judge_goals(runs: list[dict[str, Any]], depths) -> list[str]:
                          f"{verdict(m, se, n, target)}")
     for bench in ("acoustic", "microwave"):
         for d in depths:
-            m, se, n = paired(bench, "phyll", d, "pat", d)
+            m, se, n = paired(by, bench, "phyll", d, "pat", d)
             lines.append(f"- PhyLL within 3 points of PAT (no more than 3 below) on the {bench} bench at depth {d}: PhyLL − PAT "
                          f"{fmt_pm(m, se, n, signed=True)} pts (passes: PhyLL {passes(bench, 'phyll', d)}, PAT "
                          f"{passes(bench, 'pat', d)}) -> {verdict(m, se, n, -0.03)}")
@@ -596,7 +601,7 @@ def judge_goals(runs: list[dict[str, Any]], depths) -> list[str]:
                       - (by[(bench, "pat", 1, s)]["test_acc"] - by[(bench, "insilico", 1, s)]["test_acc"])
                       for s in splits]
             m, se, n = mean_se(growth)
-            gaps = [paired(bench, "pat", d, "insilico", d) for d in depths]
+            gaps = [paired(by, bench, "pat", d, "insilico", d) for d in depths]
             lines.append(f"- in-silico falls behind PAT as depth grows ({bench}): PAT − in-silico by depth "
                          + ", ".join(f"{d}: {fmt_pm(*g, signed=True)}" for d, g in zip(depths, gaps))
                          + f"; depth {deep} minus depth 1: {fmt_pm(m, se, n, signed=True)} pts -> "
@@ -606,7 +611,7 @@ def judge_goals(runs: list[dict[str, Any]], depths) -> list[str]:
     for bench in BENCHES:
         for method, floor in FLOOR.items():
             for d in depths:
-                m, se, n = paired(bench, method, d, floor, None)
+                m, se, n = paired(by, bench, method, d, floor, None)
                 if n:
                     judged += 1
                     v = verdict(m, se, n, 1e-9)
@@ -619,7 +624,7 @@ def judge_goals(runs: list[dict[str, Any]], depths) -> list[str]:
     for bench in BENCHES:
         for method in ("phyll", "phyll-noskip"):
             for d in depths:
-                m, se, n = paired(bench, method, d, ABLATION[method], d)
+                m, se, n = paired(by, bench, method, d, ABLATION[method], d)
                 if n:
                     found.append((verdict(m, se, n, 1e-9), f"{bench} {method} d{d} − {ABLATION[method]} "
                                                            f"{fmt_pm(m, se, n, signed=True)}"))

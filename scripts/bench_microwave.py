@@ -8,8 +8,8 @@ the VNA emulator on a loopback socket -> pyserial / PyVISA drivers -> `Rig` -> `
 1. **Throughput.** Configurations per second through the whole stack (server -> controller -> VNA
    -> back), against the instrument time a configuration needs (the pattern's bytes and the `#OK`
    on the wire at the baud rate, the controller's shift and latch, the settle time, the sweep time
-   from points and IF bandwidth: the physical limit) and against the physics alone (the cavity's S21 for one configuration, no I/O);
-   with the pattern read back after every write (the driver's default) and without. The rig
+   from points and IF bandwidth: the physical limit) and against the physics alone (the cavity's
+   S21 for one configuration, no I/O); with the pattern read back after every write (the driver's default) and without. The rig
    overlaps rows (`Rig._measure_overlapped`): row i's trace is read while row i+1's pattern is on
    the wire, and the read-back travels during the settle time and the sweep.
 2. **Twin.** A calibration sweep of ``--calibration-rows`` (uniform binary patterns + repeats for

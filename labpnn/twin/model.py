@@ -11,11 +11,12 @@ measurement units. The default core is `ResidualMLP`: width/depth configurable, 
 residual blocks by default (plain MLP blocks on request), SiLU so that the Jacobian PAT uses is
 smooth, plus a linear skip from input to output. ``core="modulus"`` (`ModulusMLP`) is for a system
 read as magnitudes of coherent fields (a microphone's spectrum at the drive tones, |S21|): each
-output is the magnitude of complex-affine fields of the controls — interference, exact for a linear wave system — plus a
-small `ResidualMLP` for what is not (speaker compression, multiple scattering); on the acoustic
-cavity it fits 3.2x closer than the default MLP without drift, and with drift reaches a held-out
-noise ratio of 1.31 against 3.2 (6,256 rows, 90 s). Any ``nn.Module`` mapping ``[B, F] -> [B, S]``
-can be plugged in (``core=``; F = C with ``features="linear"``, the default for a custom core).
+output is the magnitude of complex-affine fields of the controls — interference, exact for a linear
+wave system — plus a small `ResidualMLP` for what is not (speaker compression, multiple
+scattering); on the acoustic cavity it fits 3.2x closer than the default MLP without drift, and
+with drift reaches a held-out noise ratio of 1.31 against 3.2 (6,256 rows, 90 s). Any
+``nn.Module`` mapping ``[B, F] -> [B, S]`` can be plugged in (``core=``; F = C with
+``features="linear"``, the default for a custom core).
 Float32, CPU or GPU (``device=``).
 
 Checkpoints (`save_twin` / `load_twin`) store plain state only: weights, the model's settings and
