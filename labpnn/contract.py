@@ -103,3 +103,17 @@ def validate_controls(controls: Any, n_controls: int) -> np.ndarray:
             details={"row": int(row), "channel": int(col), "value": float(arr[row, col])},
         )
     return np.ascontiguousarray(arr)
+
+
+def control_levels(applied: Any, max_levels: int = 16) -> int | None:
+    """The number of states the rig set its controls to, read off controls as applied: L when every
+    value is one of k / (L - 1) for some L <= ``max_levels`` (a binary metasurface: 2), else None
+    (continuous, or a fine grid such as a shaper's 0.01 dB steps)."""
+    x = np.unique(np.asarray(applied, np.float64))
+    if x.size == 0 or x.size > max_levels:
+        return None
+    for levels in range(2, max_levels + 1):
+        grid = x * (levels - 1)
+        if np.allclose(grid, np.round(grid), atol=1e-5):
+            return levels
+    return None

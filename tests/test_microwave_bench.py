@@ -58,8 +58,8 @@ def test_binary_controls_come_back_as_the_states_set():
 def test_the_twin_learns_the_rig_quantises_and_passes_gradients_straight_through():
     import torch
 
+    from labpnn.contract import control_levels
     from labpnn.twin.fit import fit_twin
-    from labpnn.twin.model import control_levels
 
     assert control_levels(np.array([[0, 1], [1, 1]], np.float32)) == 2
     assert control_levels(np.array([[0, 1 / 3], [2 / 3, 1]], np.float32)) == 4

@@ -10,9 +10,17 @@ import pytest
 import torch
 from test_phyll import SmoothSystem, blobs, spied
 
+from labpnn.contract import Measurement, measure_of
 from labpnn.training.counting import PassCounter
 from labpnn.training.methods import Method, train_method
-from labpnn.training.spsa import SPSA, SPSASettings, rademacher, spall_gains, spsa_estimate
+from labpnn.training.spsa import (
+    SPSA,
+    SPSASettings,
+    discrete_perturbation,
+    rademacher,
+    spall_gains,
+    spsa_estimate,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -91,6 +99,62 @@ def test_plain_sgd_with_spall_gains_moves_theta():
     assert method.k == 2 and not torch.equal(before, method.flat())
     with pytest.raises(ValueError, match="unknown optimizer"):
         SPSA(optimizer="lbfgs")
+
+
+def test_discrete_perturbation_straddles_the_neighbouring_states_by_hand():
+    centre, half = discrete_perturbation(torch.tensor([0.1, 0.49, 0.5, 0.9, 1.0]), levels=2)
+    assert torch.allclose(centre, torch.full((5,), 0.5)) and torch.allclose(half, torch.full((5,), 0.5))
+    centre, half = discrete_perturbation(torch.tensor([0.0, 0.4, 1.0]), levels=4)  # states 0, 1/3, 2/3, 1
+    assert torch.allclose(centre, torch.tensor([0.5, 1.5, 2.5]) / 3) and torch.allclose(half, torch.full((3,), 1 / 6))
+    # a per-parameter c in the estimator: for L = w·θ, each coordinate divides by its own 2c
+    w, c = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 0.01])
+    deltas = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=2)))
+    lp = torch.stack([w @ (c * d) for d in deltas])
+    assert torch.allclose(spsa_estimate(lp, -lp, deltas, c), w, atol=1e-5)
+
+
+class BinaryRig:
+    """Quantises every control to OFF/ON at 0.5 (a binary metasurface) and reports the states it
+    set, as the microwave rig does."""
+
+    def __init__(self, system):
+        self.system, self.sent = system, []
+
+    def describe(self):
+        return self.system.describe()
+
+    def measure(self, controls):
+        self.sent.append(np.array(controls, np.float32))
+        states = (np.asarray(controls) >= 0.5).astype(np.float32)
+        m = measure_of(self.system, states)
+        return Measurement(controls=np.array(controls, np.float32), traces=m.traces, applied=states,
+                           timestamps=m.timestamps, flags=m.flags)
+
+    def run(self, controls):
+        return self.measure(controls).traces
+
+
+def test_on_a_binary_rig_every_physical_parameter_is_perturbed_across_its_threshold():
+    """c = 0.05 of a latent in [0, 1] would almost never flip an atom; discrete SPSA evaluates each
+    physical parameter at its two states, and a continuous rig keeps the plain perturbation."""
+    ds = blobs()
+    rig = BinaryRig(SmoothSystem())
+    counter = PassCounter(rig)
+    P = 2
+    method = SPSA(batch_size=len(ds.y_train), perturbations=P)
+    method.setup(counter, ds.X_train, ds.y_train)
+    assert method.levels == 2
+    rig.sent.clear()
+    method.step(counter, torch.as_tensor(ds.X_train), torch.as_tensor(ds.y_train), torch.Generator().manual_seed(0))
+    (sent,) = rig.sent  # one call: the 2 × P variants of the one layer
+    params = method.net.layers[0].param_channels.numpy()
+    variants = sent[:, params].reshape(2 * P, len(ds.y_train), len(params))
+    assert set(np.unique(variants).tolist()) == {0.0, 1.0}
+    assert (variants[0::2] != variants[1::2]).all()  # each + / − pair: every atom in both states
+    assert (variants == variants[:, :1]).all()  # the same parameters for every row of a variant
+    continuous = SPSA(batch_size=len(ds.y_train))
+    continuous.setup(PassCounter(SmoothSystem()), ds.X_train, ds.y_train)
+    assert continuous.levels is None
 
 
 @pytest.mark.slow

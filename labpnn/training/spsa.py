@@ -18,6 +18,16 @@ minibatch, and all 2 × ``perturbations`` variants of a layer go to the physics 
 (rows interleaved +, −, +, − ...), so slow drift is common to both ends of each difference. A
 bench's shot noise cannot be shared; average more perturbations instead.
 
+**Quantised physical parameters (discrete SPSA).** On a rig that sets its controls to a few
+states (a binary metasurface: `labpnn.contract.control_levels` of the controls as applied in the
+setup measurement), a perturbation of c = 0.05 of a latent parameter almost never crosses a
+quantisation threshold, so the estimate would see none of the physical parameters. There, each
+physical parameter θᵢ is perturbed as in Wang & Spall's discrete SPSA (Proc. ACC 2011): about the
+midpoint πᵢ of the grid cell holding θᵢ, by half the level spacing s, so its two evaluations are
+the two neighbouring states (for binary atoms: OFF and ON) and ĝᵢ = (L₊ − L₋) / s · Δᵢ. The latent
+θᵢ keeps accumulating these estimates and the rig sets the state nearest to it. Digital parameters
+(input scales and offsets, output maps, the readout) keep the continuous c_k.
+
 **The calibrated range.** Perturbed physical parameters are clamped into ``control_range`` by the
 layer's encoding (so the physics never sees a control outside it), and after every step the
 parameters are projected back (`PhysicalNetwork.project_`).
@@ -38,7 +48,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from labpnn.contract import measure_of
+from labpnn.contract import control_levels, measure_of
 from labpnn.training.counting import PassCounter
 from labpnn.training.network import PhysicalNetwork, build_network
 from labpnn.training.pat import PhysicsForward
@@ -75,9 +85,20 @@ def spall_gains(k: int, s: SPSASettings) -> tuple[float, float]:
     return s.a / (A + k + 1) ** s.alpha, s.c / (k + 1) ** s.gamma
 
 
-def spsa_estimate(loss_plus: torch.Tensor, loss_minus: torch.Tensor, deltas: torch.Tensor, c: float) -> torch.Tensor:
-    """The averaged estimate ``mean_p [L₊ₚ − L₋ₚ] / (2c) · Δₚ⁻¹`` for Rademacher rows ``deltas`` [P, n]."""
-    return (((loss_plus - loss_minus) / (2.0 * c))[:, None] / deltas).mean(0)
+def spsa_estimate(loss_plus: torch.Tensor, loss_minus: torch.Tensor, deltas: torch.Tensor,
+                  c: float | torch.Tensor) -> torch.Tensor:
+    """The averaged estimate ``mean_p [L₊ₚ − L₋ₚ] / (2c) · Δₚ⁻¹`` for Rademacher rows ``deltas`` [P, n];
+    ``c`` a scalar or one perturbation size per parameter [n]."""
+    return ((loss_plus - loss_minus)[:, None] / (2.0 * torch.as_tensor(c) * deltas)).mean(0)
+
+
+def discrete_perturbation(theta: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(centre, half)`` for parameters a rig quantises onto ``levels`` states k / (levels − 1):
+    the midpoint of the grid cell holding each θ and half the spacing, so ``centre ± half`` are
+    the two states either side of θ (Wang & Spall's discrete SPSA)."""
+    spacing = 1.0 / (levels - 1)
+    cell = torch.floor(theta / spacing).clamp(0, levels - 2)
+    return (cell + 0.5) * spacing, torch.full_like(theta, spacing / 2)
 
 
 def rademacher(n_rows: int, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -98,6 +119,7 @@ class SPSA:
         self.k = 0
         self.measured = 0  #: physical passes (rows) this method has measured
         self.setup_passes = 0
+        self.levels: int | None = None  #: states per control on a quantising rig (set by `setup`)
 
     # -- construction ------------------------------------------------------------------------------
     def setup(self, counter: PassCounter, X_train: np.ndarray, y_train: np.ndarray) -> None:
@@ -109,11 +131,20 @@ class SPSA:
         self.net = build_network(C, n_features, n_classes, layers=s.layers, repeat=repeat, n_outputs=S,
                                  layout=s.layout, control_range=s.control_range, readout=s.readout, seed=s.seed)
         before = counter.passes.get(counter.kind, 0)
-        self.net.init_affine(torch.as_tensor(np.asarray(X_train, np.float32)), PhysicsForward(counter),
-                             repool=s.pooling)
+        applied: list[np.ndarray] = []
+
+        def through(controls: torch.Tensor) -> torch.Tensor:  # the physics, keeping what it applied
+            m = measure_of(counter, controls.detach().numpy().astype(np.float32)).raise_for_error()
+            applied.append(m.applied)
+            return torch.from_numpy(np.array(m.traces, np.float32))
+
+        self.net.init_affine(torch.as_tensor(np.asarray(X_train, np.float32)), through, repool=s.pooling)
         self.setup_passes = counter.passes.get(counter.kind, 0) - before
         self.measured += self.setup_passes
+        self.levels = control_levels(np.concatenate(applied))  #: None: the rig applies controls as sent
         self.params = [p for p in self.net.parameters() if p.requires_grad]
+        physical = {id(layer.theta) for layer in self.net.layers}
+        self.is_physical = torch.cat([torch.full((p.numel(),), id(p) in physical) for p in self.params])
         self.opt = torch.optim.Adam(self.params, lr=s.adam_lr) if s.optimizer == "adam" else None
         self.k = 0
 
@@ -161,10 +192,11 @@ class SPSA:
         s = self.settings
         theta = self.flat()
         a_k, c_k = spall_gains(self.k, s)
+        centre, half = self.perturbation(theta, c_k)
         deltas = rademacher(s.perturbations, len(theta), gen)
-        thetas = [theta + sign * c_k * delta for delta in deltas for sign in (1.0, -1.0)]
+        thetas = [centre + sign * half * delta for delta in deltas for sign in (1.0, -1.0)]
         L = self.losses(counter, thetas, x, y)
-        g = spsa_estimate(L[0::2], L[1::2], deltas, c_k)
+        g = spsa_estimate(L[0::2], L[1::2], deltas, half)
         self.assign(theta)
         if self.opt is None:
             self.assign(theta - a_k * g)
@@ -177,6 +209,15 @@ class SPSA:
         self.net.project_()
         self.k += 1
         return float(L.mean())
+
+    def perturbation(self, theta: torch.Tensor, c_k: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where to perturb about and by how much, per parameter: θ ± c_k, except physical
+        parameters on a quantising rig (`discrete_perturbation`)."""
+        centre, half = theta.clone(), torch.full_like(theta, c_k)
+        if self.levels is not None:
+            mask = self.is_physical
+            centre[mask], half[mask] = discrete_perturbation(theta[mask], self.levels)
+        return centre, half
 
     def train_epoch(self, counter: PassCounter, X: np.ndarray, y: np.ndarray, gen: torch.Generator) -> dict[str, float]:
         X_t, y_t = torch.as_tensor(np.asarray(X, np.float32)), torch.as_tensor(np.asarray(y, np.int64))
@@ -205,4 +246,4 @@ class SPSA:
         self.k = int(d["k"])
 
 
-__all__ = ["SPSA", "SPSASettings", "rademacher", "spall_gains", "spsa_estimate"]
+__all__ = ["SPSA", "SPSASettings", "discrete_perturbation", "rademacher", "spall_gains", "spsa_estimate"]

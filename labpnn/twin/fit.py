@@ -35,13 +35,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from labpnn.contract import control_levels
 from labpnn.twin.metrics import (
     control_groups,
     fit_noise_model,
     noise_variance,
     regression_metrics,
 )
-from labpnn.twin.model import CORES, Twin, control_levels, jsonable
+from labpnn.twin.model import CORES, Twin, jsonable
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +310,7 @@ def fit_twin(
     """Fit a twin to measured ``controls [N, C] -> traces [N, S]`` and report on held-out rows.
 
     ``controls`` are the controls as applied. ``levels="auto"`` reads off them whether the rig set
-    each control to a few states (`labpnn.twin.model.control_levels`: a binary metasurface gives
+    each control to a few states (`labpnn.contract.control_levels`: a binary metasurface gives
     2); the twin then quantises its input the same way with a straight-through gradient, so
     in-silico training and PAT see the states the physics sees. An int forces it, None turns it off.
 
