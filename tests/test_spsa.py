@@ -111,6 +111,9 @@ def test_discrete_perturbation_straddles_the_neighbouring_states_by_hand():
     deltas = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=2)))
     lp = torch.stack([w @ (c * d) for d in deltas])
     assert torch.allclose(spsa_estimate(lp, -lp, deltas, c), w, atol=1e-5)
+    moved = torch.tensor([[True, False], [False, True]])  # each parameter averages its own perturbation
+    assert torch.allclose(spsa_estimate(torch.tensor([1.0, 4.0]), torch.zeros(2), torch.ones(2, 2), 0.5, moved),
+                          torch.tensor([1.0, 4.0]))
 
 
 class BinaryRig:
@@ -136,7 +139,8 @@ class BinaryRig:
 
 def test_on_a_binary_rig_every_physical_parameter_is_perturbed_across_its_threshold():
     """c = 0.05 of a latent in [0, 1] would almost never flip an atom; discrete SPSA evaluates each
-    physical parameter at its two states, and a continuous rig keeps the plain perturbation."""
+    physical parameter at its two states, in perturbations of their own (the digital parameters in
+    the others), and a continuous rig keeps the plain perturbation of everything."""
     ds = blobs()
     rig = BinaryRig(SmoothSystem())
     counter = PassCounter(rig)
@@ -144,17 +148,23 @@ def test_on_a_binary_rig_every_physical_parameter_is_perturbed_across_its_thresh
     method = SPSA(batch_size=len(ds.y_train), perturbations=P)
     method.setup(counter, ds.X_train, ds.y_train)
     assert method.levels == 2
+    layer = method.net.layers[0]
+    params, inputs = layer.param_channels.numpy(), layer.input_channels.numpy()
+    latent = layer.theta.detach().numpy().copy()
     rig.sent.clear()
     method.step(counter, torch.as_tensor(ds.X_train), torch.as_tensor(ds.y_train), torch.Generator().manual_seed(0))
     (sent,) = rig.sent  # one call: the 2 × P variants of the one layer
-    params = method.net.layers[0].param_channels.numpy()
-    variants = sent[:, params].reshape(2 * P, len(ds.y_train), len(params))
-    assert set(np.unique(variants).tolist()) == {0.0, 1.0}
-    assert (variants[0::2] != variants[1::2]).all()  # each + / − pair: every atom in both states
-    assert (variants == variants[:, :1]).all()  # the same parameters for every row of a variant
+    variants = sent.reshape(2 * P, len(ds.y_train), -1)
+    digital, atoms = variants[0:2], variants[2:4]  # step 0: perturbation 0 moves the digital block
+    assert np.allclose(digital[:, :, params], latent)  # atoms held at their latent values
+    assert not np.allclose(digital[0][:, inputs], digital[1][:, inputs])  # input maps moved
+    assert set(np.unique(atoms[:, :, params]).tolist()) == {0.0, 1.0}
+    assert (atoms[0][:, params] != atoms[1][:, params]).all()  # + / −: every atom in both states
+    assert np.array_equal(atoms[0][:, inputs], atoms[1][:, inputs])  # digital parameters held
+    assert method.blocks(1)[0].equal(method.is_physical)  # step 1 starts with the atoms
     continuous = SPSA(batch_size=len(ds.y_train))
     continuous.setup(PassCounter(SmoothSystem()), ds.X_train, ds.y_train)
-    assert continuous.levels is None
+    assert continuous.levels is None and continuous.blocks(3).all()
 
 
 @pytest.mark.slow
