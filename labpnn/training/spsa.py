@@ -28,9 +28,11 @@ the two neighbouring states (for binary atoms: OFF and ON) and ĝᵢ = (L₊ −
 θᵢ keeps accumulating these estimates and the rig sets the state nearest to it. Digital parameters
 (input scales and offsets, output maps, the readout) keep the continuous c_k — in perturbations of
 their own (`blocks`): flipping every atom at once moves the loss so much that, shared, it swamps
-the digital parameters' estimates (on the simulated cavity, 25 epochs: 2–8 % test accuracy shared,
-17–35 % in blocks, 14–35 % with no discrete step; 100 epochs: 64 % in blocks against 31 and 60 %
-with no discrete step, 2 splits).
+the digital parameters' estimates (the simulated cavity in-process, vowels, 25 epochs: 2–8 % test
+accuracy shared, 17–35 % in blocks, 14–35 % with no discrete step). What the discrete step buys is
+not settled: at 100 epochs 63.5 / 63.5 / 71.2 % in blocks against 30.8 / 59.6 / 76.9 % without it
+(splits 0–2; paired +10.3 ± 11.5 points); without it the atoms still move, by Adam's random walk of
+the latents across the threshold.
 
 **The calibrated range.** Perturbed physical parameters are clamped into ``control_range`` by the
 layer's encoding (so the physics never sees a control outside it), and after every step the
