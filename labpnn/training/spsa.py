@@ -55,7 +55,7 @@ import torch
 from torch.nn import functional as F
 
 from labpnn.contract import control_levels, measure_of
-from labpnn.training.counting import PassCounter
+from labpnn.training.counting import FirstMeasurement, PassCounter
 from labpnn.training.network import PhysicalNetwork, build_network
 from labpnn.training.pat import PhysicsForward
 
@@ -141,17 +141,12 @@ class SPSA:
         self.net = build_network(C, n_features, n_classes, layers=s.layers, repeat=repeat, n_outputs=S,
                                  layout=s.layout, control_range=s.control_range, readout=s.readout, seed=s.seed)
         before = counter.passes.get(counter.kind, 0)
-        applied: list[np.ndarray] = []
-
-        def through(controls: torch.Tensor) -> torch.Tensor:  # the physics, keeping what it applied
-            m = measure_of(counter, controls.detach().numpy().astype(np.float32)).raise_for_error()
-            applied.append(m.applied)
-            return torch.from_numpy(np.array(m.traces, np.float32))
-
-        self.net.init_affine(torch.as_tensor(np.asarray(X_train, np.float32)), through, repool=s.pooling)
+        probe = FirstMeasurement(counter)  # the first layer's batch: what the rig applied
+        self.net.init_affine(torch.as_tensor(np.asarray(X_train, np.float32)), PhysicsForward(probe),
+                             repool=s.pooling)
         self.setup_passes = counter.passes.get(counter.kind, 0) - before
         self.measured += self.setup_passes
-        self.levels = control_levels(np.concatenate(applied))  #: None: the rig applies controls as sent
+        self.levels = control_levels(probe.first.applied)  #: None: the rig applies controls as sent
         self.params = [p for p in self.net.parameters() if p.requires_grad]
         physical = {id(layer.theta) for layer in self.net.layers}
         self.is_physical = torch.cat([torch.full((p.numel(),), id(p) in physical) for p in self.params])
